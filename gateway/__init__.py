@@ -1,0 +1,1 @@
+"""Sekisho gateway package."""

@@ -1,0 +1,137 @@
+"""Content-addressed instance files with atomic, durable writes (R-XCH-5).
+
+An instance is written to a temporary file in the store's own ``tmp``
+directory (same file system), hashed with SHA-256 on the way, fsynced and then
+renamed to ``objects/ab/cd/<sha256>``; the directory is fsynced too.  Only
+after that, and after the metadata commit, is the instance acknowledged.  A
+crash at any point leaves either nothing visible or a complete file whose name
+is its hash: an unreferenced file is harmless and ``sweep_orphans`` removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pki.errors import PayloadTooLargeError, StoreError
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A fully written temporary file and its digest."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+class HashingWriter:
+    """Writes chunks to a temporary file, hashing and counting them."""
+
+    def __init__(self, tmp_dir: Path, max_bytes: int) -> None:
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="in-", suffix=".part")
+        self._fh: BinaryIO = os.fdopen(fd, "wb", buffering=0)
+        self.path = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._max = max_bytes
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise PayloadTooLargeError(
+                f"instance larger than the configured limit of {self._max} bytes"
+            )
+        self._hash.update(chunk)
+        self._fh.write(chunk)
+
+    def finish(self, fsync: bool) -> StagedFile:
+        try:
+            if fsync:
+                os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+        return StagedFile(self.path, self._hash.hexdigest(), self.size)
+
+    def abort(self) -> None:
+        try:
+            self._fh.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+class FileStore:
+    """The local content store."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+        self.fsync = fsync
+        for d in (self.root, self.objects, self.tmp):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def writer(self, max_bytes: int) -> HashingWriter:
+        return HashingWriter(self.tmp, max_bytes)
+
+    def object_path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise StoreError("invalid object name")
+        return self.objects / sha256[:2] / sha256[2:4] / sha256
+
+    def commit(self, staged: StagedFile) -> Path:
+        """Move a staged file to its content address, durably."""
+        final = self.object_path(staged.sha256)
+        try:
+            if final.exists():
+                # Same hash, same bytes: keep the stored file untouched.
+                staged.path.unlink(missing_ok=True)
+                return final
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(staged.path, final)
+            os.chmod(final, 0o400)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StoreError(f"could not store instance file: {exc.strerror}") from exc
+        return final
+
+    def open(self, sha256: str) -> BinaryIO:
+        try:
+            return open(self.object_path(sha256), "rb")
+        except OSError as exc:
+            raise StoreError(f"stored instance file missing or unreadable: {exc.strerror}") from exc
+
+    def iter_chunks(self, sha256: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        with self.open(sha256) as fh:
+            while block := fh.read(chunk):
+                yield block
+
+    def verify(self, sha256: str) -> bool:
+        h = hashlib.sha256()
+        for block in self.iter_chunks(sha256):
+            h.update(block)
+        return h.hexdigest() == sha256
+
+    def sweep_tmp(self) -> int:
+        """Remove partial uploads left by a crash; returns how many."""
+        n = 0
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

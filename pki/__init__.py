@@ -1,0 +1,1 @@
+"""Sekisho pki package."""
