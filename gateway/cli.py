@@ -96,6 +96,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     server_context(s.tls)
+    from gateway.forward.worker import client_contexts
+
+    client_contexts(s)  # every destination's TLS files and key/certificate match
     print("configuration is valid")
     return 0
 
@@ -115,6 +118,7 @@ def cmd_partner_add(args: argparse.Namespace) -> int:
             allowed_addresses=tuple(args.allow_address or ()),
             role=args.role,
             created_by=_operator(),
+            move_destinations=_move_destinations(args.move_destination or ()),
         )
         gw.store.add_partner(partner)
         gw.audit.record(
@@ -135,6 +139,23 @@ def cmd_partner_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _move_destinations(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``AE=host:port`` options to (AE title, "host:port") pairs (PS3.4 C.4.2.1.4.1)."""
+    from pki.errors import InvalidInputError
+
+    out: list[tuple[str, str]] = []
+    for value in values:
+        ae, _, address = value.partition("=")
+        host, _, port = address.rpartition(":")
+        ae = ae.strip()
+        if not (1 <= len(ae) <= 16 and ae.isascii() and "\\" not in ae) or not host:
+            raise InvalidInputError(f"--move-destination {value!r}: expected AE=host:port")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInputError(f"--move-destination {value!r}: invalid port")
+        out.append((ae, f"{host}:{int(port)}"))
+    return tuple(out)
+
+
 def cmd_partner_list(args: argparse.Namespace) -> int:
     gw = _open(args)
     try:
@@ -151,6 +172,8 @@ def cmd_partner_list(args: argparse.Namespace) -> int:
             f"ae={','.join(p.ae_titles) or '-'} networks={','.join(p.networks) or '-'} "
             f"cert-expires={p.certificate_not_after[:10] or '?'}"
         )
+        for ae, address in p.move_destinations:
+            print(f"    move-destination {ae}={address}")
         for fp in p.fingerprints:
             print(f"    sha256:{fp}")
     return 0
@@ -317,10 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--certificate", required=True, help="partner's client certificate (PEM)")
     p.add_argument("--ae-title", action="append", help="AE title of the partner (repeatable)")
-    p.add_argument("--permission", action="append", choices=["push", "query", "retrieve"])
+    p.add_argument(
+        "--permission", action="append", choices=["push", "query", "retrieve", "admin"],
+        help="admin: the forwarding admin API (the hospital's own administration client only)",
+    )
     p.add_argument("--network", action="append", help="regional network membership")
     p.add_argument("--allow-address", action="append", help="allowed source address/network")
     p.add_argument("--role", choices=["partner", "external-storage"], default="partner")
+    p.add_argument(
+        "--move-destination", action="append", metavar="AE=HOST:PORT",
+        help="the partner's own DICOM TLS node a C-MOVE may send to (repeatable)",
+    )
     p.set_defaults(func=cmd_partner_add)
     p = with_config(partner.add_parser("list"))
     p.add_argument("--json", action="store_true")
@@ -355,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-id")
     p.add_argument("--output", "-o", default="-")
     p.set_defaults(func=cmd_audit_export)
+
+    from gateway.forward.commands import add_commands as add_forward_commands
+
+    add_forward_commands(sub, with_config)  # send, queue list|retry|work, restore
     return parser
 
 

@@ -52,6 +52,15 @@ def build(cls: type[T], data: Any, path: str, base_dir: Path) -> T:
             values[name] = convert(hints[name], data[name], key_path, base_dir)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise _fail(key_path, "is required")
+        elif not field.init:
+            continue
+        # Defaults are relative to the configuration file too, not to the
+        # process's working directory: resolve default paths, and build omitted
+        # tables (``default_factory=TheClass``) the same way.
+        elif isinstance(field.default, Path) and not field.default.is_absolute():
+            values[name] = base_dir / field.default
+        elif field.default_factory is hints[name] and dataclasses.is_dataclass(hints[name]):
+            values[name] = build(hints[name], {}, key_path, base_dir)
     try:
         return cls(**values)
     except (ValueError, TypeError) as exc:

@@ -40,9 +40,14 @@ idle_timeout_seconds = 75
 max_connections_per_address = 32
 
 [dimse]
-enabled = false                 # DICOM over TLS listener
+enabled = true                  # DICOM (DIMSE) over mutual TLS listener
 host = "127.0.0.1"
 port = {dimse_port}
+handshake_timeout_seconds = 10
+acse_timeout_seconds = 30
+dimse_timeout_seconds = 60
+network_timeout_seconds = 120
+max_connections_per_address = 16
 
 [monitoring]
 # Plain-HTTP /healthz and /metrics (no patient data); 0 disables.
@@ -104,6 +109,7 @@ def partner_from_certificate(
     allowed_addresses: tuple[str, ...] = (),
     role: str = "partner",
     created_by: str = "",
+    move_destinations: tuple[tuple[str, str], ...] = (),
 ) -> Partner:
     """A partner bound to the SHA-256 fingerprint of one certificate (R-TLS-3)."""
     cert = load_certificate(cert_path)
@@ -115,6 +121,7 @@ def partner_from_certificate(
         networks=networks,
         allowed_addresses=allowed_addresses,
         role=role,  # type: ignore[arg-type]
+        move_destinations=move_destinations,
         certificate_not_after=cert.not_valid_after_utc.isoformat(),
         created_by=created_by,
     )

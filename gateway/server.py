@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -58,6 +59,11 @@ class RunningGateway:
         self.runner: web.AppRunner | None = None
         self.monitoring: web.AppRunner | None = None
         self.addresses: list[tuple[str, int]] = []
+        #: The DICOM TLS listener (gateway.dimse.DimseService) when [dimse] is enabled.
+        self.dimse: Any = None
+        self.dimse_address: tuple[str, int] | None = None
+        #: Store-and-forward workers (gateway.forward.worker.Forwarder).
+        self.forwarder: Any = None
 
     async def start(self) -> None:
         gw = self.gw
@@ -108,10 +114,24 @@ class RunningGateway:
             await self.monitoring.setup()
             await web.TCPSite(self.monitoring, s.monitoring.host, s.monitoring.port).start()
             log.info("monitoring on http://%s:%d/metrics", s.monitoring.host, s.monitoring.port)
+        if s.dimse.enabled:
+            from gateway.dimse import DimseService
+
+            self.dimse = DimseService(gw, asyncio.get_running_loop())
+            self.dimse_address = await gw.run(self.dimse.start)
+        if s.forward.enabled and s.destinations:
+            from gateway.forward.worker import Forwarder
+
+            self.forwarder = Forwarder(gw)
+            await self.forwarder.start()
         await gw.record(ev.application_activity("start", actor=s.instance.name))
         log.info("Sekisho listening on %s (DICOMweb over mutual TLS)", self.addresses)
 
     async def stop(self) -> None:
+        if self.forwarder:
+            await self.forwarder.stop()
+        if self.dimse:
+            await self.gw.run(self.dimse.stop)
         if self.tls:
             await self.tls.close()
         if self.runner:

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 from gateway.configtypes import build
+from gateway.forward.destinations import (
+    DestinationSettings,
+    ForwardSettings,
+    RetentionSettings,
+    RoutingSettings,
+    check_forwarding,
+)
 from pki.errors import ConfigurationError
 from pki.peer import RevocationSettings
 from pki.tls import TlsEndpointSettings
@@ -68,9 +77,45 @@ class MonitoringSettings:
 
 @dataclass(frozen=True)
 class DimseSettings:
+    """The DICOM (DIMSE) listener over mutual TLS (PS3.15 B.1; R-TLS-6).
+
+    Every network phase has its own timeout: TLS handshake, association
+    negotiation (ACSE), DIMSE responses and network idle.
+    """
+
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 2762
+    handshake_timeout_seconds: float = 10.0
+    #: Waiting for the A-ASSOCIATE-RQ and for release/abort replies (PS3.8 9.1.3 ARTIM).
+    acse_timeout_seconds: float = 30.0
+    #: Waiting for a DIMSE response (C-STORE sub-operations of C-GET and C-MOVE).
+    dimse_timeout_seconds: float = 60.0
+    #: An association with no traffic for this long is aborted.
+    network_timeout_seconds: float = 120.0
+    #: Connecting to a C-MOVE destination.
+    connect_timeout_seconds: float = 10.0
+    #: Concurrent connections allowed from one source address (R-TLS-6).
+    max_connections_per_address: int = 16
+    #: Concurrent connections in all (handshaking or associated).
+    max_connections: int = 128
+    #: Largest PDU we receive (PS3.8 9.3.3.2 Maximum Length), bytes.
+    max_pdu_bytes: int = 131072
+    #: Largest single instance accepted by C-STORE, bytes.
+    max_instance_bytes: int = 2 * 1024**3
+    #: Most matches returned by one C-FIND.
+    max_find_results: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port must be between 0 and 65535")
+        if min(self.max_connections_per_address, self.max_connections) < 1:
+            raise ValueError("connection limits must be at least 1")
+        if not 4096 <= self.max_pdu_bytes <= 16 * 1024**2:
+            raise ValueError("max_pdu_bytes must be between 4096 and 16777216")
+        for name in ("handshake", "acse", "dimse", "network", "connect"):
+            if getattr(self, f"{name}_timeout_seconds") <= 0:
+                raise ValueError(f"{name}_timeout_seconds must be positive")
 
 
 @dataclass(frozen=True)
@@ -117,8 +162,19 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    #: Outbound destinations by name, routing rules, worker tuning, local retention
+    #: (store-and-forward, R-XCH-4..7, R-EXT; see gateway.forward).
+    destinations: Mapping[str, DestinationSettings] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     #: Directory of the configuration file; relative paths were resolved against it.
     base_dir: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        check_forwarding(self.destinations, self.routing)
 
     @property
     def audit_database(self) -> Path:

@@ -125,6 +125,9 @@ def create_app(
     r.add_get(
         f"{p}/studies/{{study}}/series/{{series}}/instances/{{instance}}/metadata", wado.metadata
     )
+    from gateway.forward import api as forward_api
+
+    forward_api.add_routes(app)  # /admin/forward/...: needs the 'admin' permission
     return app
 
 

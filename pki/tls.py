@@ -128,6 +128,9 @@ def handshake_failure_reason(exc: BaseException) -> tuple[str, str]:
             ("expired", "expired", "the client certificate has expired"),
             ("not yet valid", "not-yet-valid", "the client certificate is not yet valid"),
             ("revoked", "revoked", "the client certificate has been revoked"),
+            # X509_V_ERR_INVALID_PURPOSE: OpenSSL 3 says "unsuitable", 1.x "unsupported".
+            ("unsuitable certificate purpose", "wrong-eku",
+             "the client certificate is not allowed for TLS client authentication (EKU)"),
             ("unsupported certificate purpose", "wrong-eku",
              "the client certificate is not allowed for TLS client authentication (EKU)"),
             ("local issuer", "unknown-ca", "the client certificate was issued by an unknown CA"),
@@ -141,7 +144,9 @@ def handshake_failure_reason(exc: BaseException) -> tuple[str, str]:
                 return reason, words
         return "invalid-certificate", f"the client certificate was refused ({msg or code})"
     if isinstance(exc, ssl.SSLError):
-        text = f"{exc.reason or ''} {exc}".lower()
+        # ``reason`` exists only on errors raised by the _ssl module itself.
+        ssl_reason = getattr(exc, "reason", None)
+        text = f"{ssl_reason or ''} {exc}".lower()
         table2: Sequence[tuple[str, str, str]] = (
             ("peer_did_not_return_a_certificate", "no-certificate",
              "the client did not present a certificate"),
@@ -168,8 +173,12 @@ def handshake_failure_reason(exc: BaseException) -> tuple[str, str]:
         for needle, reason, words in table2:
             if needle in text:
                 return reason, words
-        return "handshake-failed", f"TLS handshake failed ({exc.reason or exc})"
-    if isinstance(exc, TimeoutError):
+        return "handshake-failed", f"TLS handshake failed ({ssl_reason or exc})"
+    # asyncio's ``ssl_handshake_timeout`` aborts with ConnectionAbortedError
+    # ("SSL handshake is taking longer than N seconds"), not TimeoutError.
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "taking longer than" in str(exc)
+    ):
         return "handshake-timeout", "the TLS handshake did not complete in time"
     if isinstance(exc, ConnectionError | EOFError):
         return "connection-closed", "the client closed the connection during the TLS handshake"

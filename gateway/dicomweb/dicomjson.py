@@ -73,8 +73,32 @@ def instance_json(row: Mapping[str, Any], base_url: str) -> JsonDataset:
     }
 
 
-def filter_fields(ds: JsonDataset, include: Iterable[str] | None) -> JsonDataset:
-    """Apply ``includefield``: ``None`` or ``all`` keeps everything."""
+#: Attributes ``includefield`` can add to a level's default set: tag ->
+#: (row key, builder).  Every row the store returns carries the patient; series
+#: rows also carry study attributes and instance rows the modality.
+_INCLUDABLE: dict[str, tuple[str, Any]] = {
+    "00100010": ("patient_name", lambda v: pn(v)),
+    "00100020": ("patient_id", lambda v: attr("LO", v)),
+    "00100021": ("issuer", lambda v: attr("LO", v)),
+    "00080020": ("study_date", lambda v: attr("DA", v)),
+    "00080050": ("accession", lambda v: attr("SH", v)),
+    "00080060": ("modality", lambda v: attr("CS", v)),
+}
+
+
+def filter_fields(
+    ds: JsonDataset, include: Iterable[str] | None, row: Mapping[str, Any] | None = None
+) -> JsonDataset:
+    """Apply ``includefield`` (PS3.18 8.3.4.3): the named attributes are returned
+    *in addition to* the level's default set, when the row has them; ``None``
+    (no includefield, or ``all``) returns the default set."""
     if include is None:
         return ds
-    return {k: v for k, v in ds.items() if k in include}
+    out = dict(ds)
+    for tag in include:
+        if tag in out or row is None or tag not in _INCLUDABLE:
+            continue
+        key, build = _INCLUDABLE[tag]
+        if key in row:
+            out[tag] = build(row[key])
+    return out

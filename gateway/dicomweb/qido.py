@@ -126,7 +126,7 @@ async def _search(
         await gw.record(_query_event(principal, None, None, (), query_text, scope))
     for (pid, issuer), studies in patients.items():
         await gw.record(_query_event(principal, pid, issuer, studies, query_text, scope))
-    body = [filter_fields(to_json(row, base), include) for row in rows]
+    body = [filter_fields(to_json(row, base), include, row) for row in rows]
     if not body:
         return web.Response(status=204)
     return web.json_response(body, content_type="application/dicom+json")

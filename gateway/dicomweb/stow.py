@@ -11,6 +11,7 @@ PS3.18 Table 10.5.3-1 / PS3.4 failure reasons.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from gateway.dicomweb.common import require
 from gateway.dicomweb.dicomjson import JsonDataset, attr
 from gateway.peers import Principal
 from gateway.service import Gateway
-from gateway.store.files import StagedFile
+from gateway.store.files import HashingWriter, StagedFile
 from gateway.store.index import InstanceIndex, index_instance
 from gateway.store.model import AddResult
 from pki.errors import (
@@ -68,33 +69,100 @@ def _check_content_type(request: web.Request) -> None:
         raise InvalidInputError("multipart/related body without a boundary parameter")
 
 
-async def _receive_part(gw: Gateway, part: BodyPartReader, budget: list[int]) -> PartOutcome:
+#: Parts smaller than this are held in memory until they are complete and then
+#: written, synced and validated in ONE worker-thread call; larger parts are
+#: written in slices of this size as they arrive (memory stays bounded).
+BUFFER = 4 * 1024 * 1024
+#: Parts of one request being synced and validated while the next is read.
+IN_FLIGHT = 8
+
+
+@dataclass
+class _Receiving:
+    """A part being read: what is buffered and, for large parts, the open file."""
+
+    chunks: list[bytes]
+    buffered: int = 0
+    writer: HashingWriter | None = None
+
+
+def _flush(gw: Gateway, rx: _Receiving) -> None:
+    if rx.writer is None:
+        rx.writer = gw.files.writer(gw.settings.https.max_instance_bytes)
+    for chunk in rx.chunks:
+        rx.writer.write(chunk)
+    rx.chunks, rx.buffered = [], 0
+
+
+def _finish_part(gw: Gateway, rx: _Receiving, study_in_path: str | None) -> PartOutcome:
+    """Worker thread: write the rest, fdatasync, validate, check for conflicts."""
+    try:
+        _flush(gw, rx)
+        assert rx.writer is not None
+        staged = rx.writer.finish(gw.settings.store.fsync)
+    except BaseException:
+        if rx.writer is not None:
+            rx.writer.abort()
+        raise
+    try:
+        idx = index_instance(staged.path)
+    except InvalidInputError as exc:
+        staged.path.unlink(missing_ok=True)
+        return PartOutcome(None, None, CANNOT_UNDERSTAND, exc.message)
+    if study_in_path and idx.study_uid != study_in_path:
+        staged.path.unlink(missing_ok=True)
+        return PartOutcome(idx, None, STUDY_MISMATCH, "Study Instance UID does not match the URL")
+    existing = gw.store.find_instance(idx.sop_instance_uid)
+    if existing is not None and existing.sha256 != staged.sha256:
+        staged.path.unlink(missing_ok=True)
+        return PartOutcome(
+            idx,
+            None,
+            DUPLICATE_DIFFERENT,
+            "an instance with this SOP Instance UID and different content is stored",
+        )
+    return PartOutcome(idx, staged)
+
+
+async def _read_part(
+    gw: Gateway, part: BodyPartReader, budget: list[int]
+) -> _Receiving | PartOutcome:
     ptype = parse_mimetype(part.headers.get("Content-Type", "application/dicom"))
     if (ptype.type, ptype.subtype) != ("application", "dicom"):
         await part.release()
         return PartOutcome(None, None, CANNOT_UNDERSTAND, "part is not application/dicom")
-    writer = await gw.run(gw.files.writer, gw.settings.https.max_instance_bytes)
+    rx = _Receiving([])
+    limit = gw.settings.https.max_instance_bytes
+    total = 0
     try:
         while True:
             chunk = await part.read_chunk(CHUNK)
             if not chunk:
                 break
             budget[0] -= len(chunk)
+            total += len(chunk)
             if budget[0] < 0:
+                cap = gw.settings.https.max_body_bytes
+                raise PayloadTooLargeError(f"request body larger than the limit of {cap} bytes")
+            if total > limit:
                 raise PayloadTooLargeError(
-                    f"request body larger than the limit of {gw.settings.https.max_body_bytes} bytes"
+                    f"instance larger than the configured limit of {limit} bytes"
                 )
-            await gw.run(writer.write, chunk)
-        staged = await gw.run(writer.finish, gw.settings.store.fsync)
+            rx.chunks.append(chunk)
+            rx.buffered += len(chunk)
+            if rx.buffered >= BUFFER:
+                await gw.run(_flush, gw, rx)
     except BaseException:
-        await gw.run(writer.abort)
+        if rx.writer is not None:
+            await gw.run(rx.writer.abort)
         raise
-    try:
-        idx = await gw.run(index_instance, staged.path)
-    except InvalidInputError as exc:
-        staged.path.unlink(missing_ok=True)
-        return PartOutcome(None, None, CANNOT_UNDERSTAND, exc.message)
-    return PartOutcome(idx, staged)
+    return rx
+
+
+def _commit_all(gw: Gateway, staged: list[StagedFile]) -> None:
+    """Worker thread: move files to their content addresses, then sync the directories."""
+    paths = [gw.files.commit(s, sync_dir=False) for s in staged]
+    gw.files.sync_dirs(paths)
 
 
 async def stow(request: web.Request) -> web.Response:
@@ -110,7 +178,8 @@ async def stow(request: web.Request) -> web.Response:
             f"{gw.settings.https.max_body_bytes} bytes"
         )
     budget = [gw.settings.https.max_body_bytes]
-    outcomes: list[PartOutcome] = []
+    # Part N is synced and validated in a worker thread while part N+1 is read.
+    pending: list[asyncio.Future[PartOutcome]] = []
     try:
         reader = await request.multipart()
         while True:
@@ -122,32 +191,44 @@ async def stow(request: web.Request) -> web.Response:
                 break
             if not isinstance(part, BodyPartReader):
                 raise InvalidInputError("nested multipart bodies are not accepted")
-            outcomes.append(await _receive_part(gw, part, budget))
+            got = await _read_part(gw, part, budget)
+            if isinstance(got, PartOutcome):
+                fut: asyncio.Future[PartOutcome] = asyncio.get_running_loop().create_future()
+                fut.set_result(got)
+                pending.append(fut)
+                continue
+            pending.append(asyncio.ensure_future(gw.run(_finish_part, gw, got, study_in_path)))
+            in_flight = [f for f in pending if not f.done()]
+            if len(in_flight) >= IN_FLIGHT:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        outcomes = list(await asyncio.gather(*pending))
     except BaseException:
-        for o in outcomes:
-            if o.staged is not None:
+        # Nothing of a failed request is kept: staged files are only temporary.
+        done = await asyncio.gather(*pending, return_exceptions=True)
+        for o in done:
+            if isinstance(o, PartOutcome) and o.staged is not None:
                 o.staged.path.unlink(missing_ok=True)
         raise
     if not outcomes:
         raise InvalidInputError("the multipart body contains no parts")
 
-    to_add: list[tuple[InstanceIndex, str, int]] = []
-    added_from: list[PartOutcome] = []
-    for o in outcomes:
-        if o.index is None or o.staged is None:
-            continue
-        if study_in_path and o.index.study_uid != study_in_path:
-            o.failure, o.message = STUDY_MISMATCH, "Study Instance UID does not match the URL"
-            o.staged.path.unlink(missing_ok=True)
-            continue
-        await gw.run(gw.files.commit, o.staged)
-        to_add.append((o.index, o.staged.sha256, o.staged.size))
-        added_from.append(o)
+    good = [o for o in outcomes if o.failure is None and o.staged is not None]
+    staged_files = [o.staged for o in good if o.staged is not None]
+    if staged_files:
+        # Renames and directory syncs in a few parallel batches.
+        batches = [staged_files[i : i + 8] for i in range(0, len(staged_files), 8)]
+        await asyncio.gather(*(gw.run(_commit_all, gw, b) for b in batches))
+    to_add = [(o.index, o.staged.sha256, o.staged.size) for o in good]  # type: ignore[union-attr]
     results = await gw.run(gw.store.add_instances, to_add, principal.name) if to_add else []
-    for o, result in zip(added_from, results, strict=True):
+    for o, result in zip(good, results, strict=True):
         if result == AddResult.CONFLICT:
             o.failure = DUPLICATE_DIFFERENT
             o.message = "an instance with this SOP Instance UID and different content is stored"
+            # The refused bytes were already moved to their content address; no
+            # row can ever reference them (identical bytes carry the same SOP
+            # Instance UID, whose row points at other content), so drop them.
+            assert o.staged is not None
+            await gw.run(gw.files.object_path(o.staged.sha256).unlink, missing_ok=True)
 
     base = request.app["base_url"]
     referenced: list[JsonDataset] = []

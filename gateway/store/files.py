@@ -5,7 +5,7 @@ directory (same file system), hashed with SHA-256 on the way, fsynced and then
 renamed to ``objects/ab/cd/<sha256>``; the directory is fsynced too.  Only
 after that, and after the metadata commit, is the instance acknowledged.  A
 crash at any point leaves either nothing visible or a complete file whose name
-is its hash: an unreferenced file is harmless and ``sweep_orphans`` removes it.
+is its hash: a file no metadata row references is invisible and harmless.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class HashingWriter:
     def finish(self, fsync: bool) -> StagedFile:
         try:
             if fsync:
-                os.fsync(self._fh.fileno())
+                # fdatasync also flushes the size, which is all a reader needs.
+                os.fdatasync(self._fh.fileno())
         finally:
             self._fh.close()
         return StagedFile(self.path, self._hash.hexdigest(), self.size)
@@ -86,8 +87,13 @@ class FileStore:
             raise StoreError("invalid object name")
         return self.objects / sha256[:2] / sha256[2:4] / sha256
 
-    def commit(self, staged: StagedFile) -> Path:
-        """Move a staged file to its content address, durably."""
+    def commit(self, staged: StagedFile, *, sync_dir: bool = True) -> Path:
+        """Move a staged file to its content address, durably.
+
+        With ``sync_dir=False`` the caller fsyncs the directories itself (see
+        :meth:`sync_dirs`) before acknowledging, so that many renames share a
+        batch of directory syncs.
+        """
         final = self.object_path(staged.sha256)
         try:
             if final.exists():
@@ -97,11 +103,18 @@ class FileStore:
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.replace(staged.path, final)
             os.chmod(final, 0o400)
-            if self.fsync:
+            if self.fsync and sync_dir:
                 _fsync_dir(final.parent)
         except OSError as exc:
             raise StoreError(f"could not store instance file: {exc.strerror}") from exc
         return final
+
+    def sync_dirs(self, paths: list[Path]) -> None:
+        """fsync the directories holding ``paths`` (each directory once)."""
+        if not self.fsync:
+            return
+        for d in sorted({p.parent for p in paths}):
+            _fsync_dir(d)
 
     def open(self, sha256: str) -> BinaryIO:
         try:

@@ -33,12 +33,23 @@ class Partner:
     #: Source addresses / networks allowed to connect (empty = any) (001 Art.4(1)⑥).
     allowed_addresses: tuple[str, ...] = ()
     role: PartnerRole = "partner"
+    #: The partner's own DICOM nodes a C-MOVE may send to: (AE title, "host:port")
+    #: pairs (PS3.4 C.4.2.1.4.1 Move Destination; reached over TLS).
+    move_destinations: tuple[tuple[str, str], ...] = ()
     certificate_not_after: str = ""
     created_at: str = ""
     created_by: str = ""
 
     def may(self, permission: Permission) -> bool:
         return permission in self.permissions
+
+    def move_destination(self, ae_title: str) -> tuple[str, int] | None:
+        """(host, port) of this partner's registered move destination, or None."""
+        for title, address in self.move_destinations:
+            if title == ae_title.strip():
+                host, _, port = address.rpartition(":")
+                return host.strip("[]"), int(port)
+        return None
 
     def address_allowed(self, address: str | None) -> bool:
         if not self.allowed_addresses:

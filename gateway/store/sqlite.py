@@ -339,6 +339,9 @@ class SqliteMetadataStore:
         if f.series_uids:
             cond.append(f"se.series_uid IN ({','.join('?' for _ in f.series_uids)})")
             args.extend(f.series_uids)
+        if f.modality:  # below the study level, Modality is the series' own (PS3.4 C.6.1.1.3)
+            cond.append("se.modality = ?")
+            args.append(f.modality)
         vclause, vargs = self._visible(vis)
         sql = (
             "SELECT se.*, s.study_date, s.accession, p.patient_id, p.issuer,"
@@ -364,6 +367,9 @@ class SqliteMetadataStore:
         if f.sop_uids:
             cond.append(f"i.sop_uid IN ({','.join('?' for _ in f.sop_uids)})")
             args.extend(f.sop_uids)
+        if f.modality:
+            cond.append("se.modality = ?")
+            args.append(f.modality)
         vclause, vargs = self._visible(vis)
         sql = (
             "SELECT i.*, se.modality, p.patient_id, p.issuer, p.name AS patient_name"
@@ -410,6 +416,7 @@ class SqliteMetadataStore:
             "networks": list(partner.networks),
             "allowed_addresses": list(partner.allowed_addresses),
             "role": partner.role,
+            "move_destinations": [list(x) for x in partner.move_destinations],
             "certificate_not_after": partner.certificate_not_after,
             "created_at": partner.created_at or utcnow(),
             "created_by": partner.created_by,
@@ -542,6 +549,7 @@ def _partner(name: str, raw: str) -> Partner:
         networks=tuple(d.get("networks", ())),
         allowed_addresses=tuple(d.get("allowed_addresses", ())),
         role=d.get("role", "partner"),
+        move_destinations=tuple((a, b) for a, b in d.get("move_destinations", ())),
         certificate_not_after=d.get("certificate_not_after", ""),
         created_at=d.get("created_at", ""),
         created_by=d.get("created_by", ""),

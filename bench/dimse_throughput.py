@@ -1,0 +1,230 @@
+"""C-STORE receive throughput over DICOM TLS: Sekisho against DCMTK ``storescp +tls``.
+
+The same generated study (default 500 instances of 512x512 16-bit CT, Explicit
+VR Little Endian) is sent by DCMTK ``storescu +tls`` (``TCP_NODELAY=1``) into
+
+* DCMTK ``storescp +tls +B`` (bit-preserving, writes each file, no fsync);
+* Sekisho with ``store.fsync = false`` (the like-for-like comparison);
+* Sekisho with ``store.fsync = true`` (the production setting: every instance
+  is fsynced with its directory and its metadata commit before the C-STORE
+  response, so an acknowledged instance survives power loss; R-XCH-4/5),
+
+in the same run, with the same maximum PDU (131072 bytes, DCMTK's largest).
+It prints instances/s, MB/s, the ratio Sekisho/storescp (target >= 0.8 for
+the like-for-like case) and Sekisho's peak RSS (``VmHWM`` from
+``/proc/PID/status``), which must stay flat: data sets stream to disk.
+
+Usage: ``python bench/dimse_throughput.py [--quick] [--instances N] [--size 512]``.
+
+Forwarding throughput (Sekisho -> Orthanc over DICOM TLS) belongs to the
+outbound side (``gateway.forward``): :func:`measure_forwarding_to_orthanc` is
+the hook where it is to be plugged in; it reports "not measured" until then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+DCMTK = Path("/usr/bin")
+MAX_PDU = 131072
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    instances: int
+    nbytes: int
+    peak_rss_kib: int | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def generate_study(out: Path, count: int, size: int) -> int:
+    """``count`` CT instances of ``size``x``size`` 16-bit; returns the total bytes."""
+    out.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 4096, size=(size, size), dtype=np.uint16).tobytes()
+    total = 0
+    for n in range(1, count + 1):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName = "BENCH1", "BENCH^PATIENT"
+        ds.StudyDate, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "20250401", "CT", 1, n
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        path = out / f"{n:05d}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+def storescu(pki: Path, port: int, calling: str, called: str, files: Path) -> float:
+    args = [
+        str(DCMTK / "storescu"), "+tls", str(pki / "partner-valid-1.key.pem"),
+        str(pki / "partner-valid-1.crt.pem"), "+cf", str(pki / "root-ca.crt.pem"),
+        "+cf", str(pki / "intermediate-ca.crt.pem"), "-aet", calling, "-aec", called,
+        "+sd", "127.0.0.1", str(port), str(files),
+    ]
+    started = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True,
+                          env={**os.environ, "TCP_NODELAY": "1"}, timeout=3600)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu failed: {proc.stdout}{proc.stderr}")
+    return elapsed
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_storescp(work: Path, pki: Path, files: Path, count: int, nbytes: int) -> Result:
+    port = free_port()
+    out = work / "storescp-out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [str(DCMTK / "storescp"), "+tls", str(pki / "gateway-server.key.pem"),
+         str(pki / "gateway-server.crt.pem"), "+cf", str(pki / "root-ca.crt.pem"),
+         "+cf", str(pki / "intermediate-ca.crt.pem"), "-aet", "STORESCP",
+         "-pdu", str(MAX_PDU), "+B", "-dhl", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    try:
+        wait_port(port)
+        seconds = storescu(pki, port, "PARTNER_A", "STORESCP", files)
+        return Result("storescp +tls +B", seconds, count, nbytes, peak_rss_kib(proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run_sekisho(work: Path, files: Path, count: int, nbytes: int, *, fsync: bool) -> Result:
+    inst = work / f"sekisho-fsync-{fsync}"
+    port = free_port()
+    sekisho = [sys.executable, "-m", "gateway.cli"]
+    subprocess.run(
+        [*sekisho, "init", str(inst), "--https-port", str(free_port()), "--dimse-port",
+         str(port), "--monitoring-port", "0"], check=True, capture_output=True, cwd=ROOT,
+    )
+    config = inst / "sekisho.toml"
+    text = config.read_text().replace("fsync = true", f"fsync = {'true' if fsync else 'false'}")
+    config.write_text(text.replace('level = "INFO"', 'level = "WARNING"'))
+    log = open(inst / "serve.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*sekisho, "serve", "--config", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_port(port)
+        seconds = storescu(inst / "pki", port, "PARTNER_A", "SEKISHO", files)
+        rss = peak_rss_kib(proc.pid)
+        return Result(f"Sekisho (fsync={'on' if fsync else 'off'})", seconds, count, nbytes, rss)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def measure_forwarding_to_orthanc(work: Path) -> Result | None:
+    """Hook for the outbound side: forwarding the study to Orthanc over DICOM TLS.
+
+    To be implemented with ``gateway.forward`` (queue + C-STORE SCU); until then
+    the benchmark reports it as not measured.
+    """
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 instances of 256x256")
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    count, size = (100, 256) if args.quick else (args.instances, args.size)
+    work = Path(tempfile.mkdtemp(prefix="sekisho-bench-dimse-"))
+    try:
+        files = work / "study"
+        nbytes = generate_study(files, count, size)
+        # The PKI of the first Sekisho instance serves storescp too (same CA).
+        ref = run_sekisho(work, files, count, nbytes, fsync=False)
+        pki = work / "sekisho-fsync-False" / "pki"
+        scp = run_storescp(work, pki, files, count, nbytes)
+        durable = run_sekisho(work, files, count, nbytes, fsync=True)
+        print(f"study: {count} instances of {size}x{size} 16-bit, {nbytes / 1e6:.1f} MB, "
+              f"max PDU {MAX_PDU}, storescu +tls, TCP_NODELAY=1")
+        for r in (scp, ref, durable):
+            rss = f"{r.peak_rss_kib / 1024:.0f} MiB" if r.peak_rss_kib else "?"
+            print(f"  {r.name:24} {r.seconds:7.2f} s  {r.per_second:7.1f} inst/s  "
+                  f"{r.mb_per_second:7.1f} MB/s  peak RSS {rss}")
+        print(f"ratio Sekisho/storescp (fsync off, like for like): "
+              f"{ref.mb_per_second / scp.mb_per_second:.2f}  (target >= 0.8)")
+        print(f"ratio Sekisho/storescp (fsync on, durable):        "
+              f"{durable.mb_per_second / scp.mb_per_second:.2f}")
+        print(f"Sekisho peak RSS (VmHWM): {ref.peak_rss_kib} KiB (fsync off), "
+              f"{durable.peak_rss_kib} KiB (fsync on)")
+        forwarding = measure_forwarding_to_orthanc(work)
+        print("forwarding to Orthanc: " + (
+            f"{forwarding.mb_per_second:.1f} MB/s" if forwarding
+            else "not measured here (gateway.forward hook: measure_forwarding_to_orthanc)"
+        ))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

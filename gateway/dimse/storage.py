@@ -1,0 +1,333 @@
+"""C-STORE ingest: the data set streams to the content store as it arrives (R-XCH-1/5).
+
+PS3.7 9.1.1 C-STORE and PS3.4 Annex B (Storage Service Class).  pynetdicom
+collects a C-STORE data set in memory (or, with a process-wide switch, in a
+temporary file elsewhere); Sekisho instead gives each association a DIMSE
+provider (:class:`StreamingDimse`) whose messages write every data set
+fragment (PS3.8 Annex E, P-DATA-TF PDVs) straight into the store's own
+temporary directory through :class:`gateway.store.files.HashingWriter`, after
+a PS3.10 header (preamble, ``DICM``, File Meta Information with the accepted
+transfer syntax).  So:
+
+* the data set is stored exactly as received, in the transfer syntax it came
+  in (no decoding, no re-encoding), and memory does not grow with its size;
+* its SHA-256 is computed on the way; the C-STORE handler then validates the
+  PS3.10 file (:func:`gateway.store.index.index_instance`), moves it to its
+  content address, indexes it durably and only then answers Success
+  (mirroring ``gateway.dicomweb.stow``).
+
+Failures answer with PS3.4 B.2.3 / PS3.7 C statuses: 0xA700 out of resources
+(size cap, store), 0xA900 data set does not match SOP class, 0xC000 cannot
+understand, 0x0111 duplicate SOP instance with different content (the stored
+one is kept, as for STOW-RS), 0x0124 not authorized (no ``push`` permission).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dsutils import decode
+
+from gateway.audit import events as ev
+from gateway.dimse.session import Session
+from gateway.service import Gateway
+from gateway.store.files import HashingWriter, StagedFile
+from gateway.store.index import index_instance
+from gateway.store.model import AddResult
+from pki.errors import InvalidInputError, SekishoError, StoreError
+
+log = logging.getLogger("sekisho.dimse")
+
+#: PS3.5 B.2 UUID-derived UID naming this implementation (PS3.7 D.3.3.2).
+IMPLEMENTATION_CLASS_UID = "2.25.4207299652280197016102898825920297832"
+IMPLEMENTATION_VERSION_NAME = "SEKISHO_0_1"
+
+SUCCESS = 0x0000
+NOT_AUTHORIZED = 0x0124
+DUPLICATE_DIFFERENT = 0x0111
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+#: Audit what an association stored at least every this many instances.
+AUDIT_EVERY = 1000
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information for a received data set (PS3.10 7.1).
+
+    The meta group depends only on the instance and the transfer syntax, so
+    the same data set stored twice gives the same file and the same hash.
+    """
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + fp.getvalue()
+
+
+class InstanceSink:
+    """One C-STORE data set on its way to the content store.
+
+    Write errors (size cap, disk) are kept, not raised: they happen on
+    pynetdicom's DUL thread, where an exception would abort the association;
+    the C-STORE handler answers with the error's status instead.
+    """
+
+    def __init__(self, writer: HashingWriter, header: bytes) -> None:
+        self.writer = writer
+        self.name = str(writer.path)  # pynetdicom unlinks this path after the handler
+        self.error: SekishoError | None = None
+        self._open = True
+        self.write(header)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.error is not None or not self._open:
+            return
+        try:
+            self.writer.write(data)
+        except SekishoError as exc:
+            self.error = exc
+            self.abort()
+        except OSError as exc:
+            self.error = StoreError(f"could not write the received instance: {exc.strerror}")
+            self.abort()
+
+    def finish(self, fsync: bool) -> StagedFile:
+        self._open = False
+        return self.writer.finish(fsync)
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            self.writer.abort()
+
+    def close(self) -> None:
+        """Called by pynetdicom's Storage SCP after the handler; nothing left to do."""
+
+
+class DiscardSink:
+    """Reads a data set the partner may not store, keeping nothing (R-XCH-3)."""
+
+    name = "/nonexistent/sekisho-discarded"
+    error: SekishoError | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+Sink = InstanceSink | DiscardSink
+OpenSink = Callable[[Any, int, Any], Sink | None]
+
+
+class _StreamingMessage(DIMSEMessage):
+    """A DIMSE message whose C-STORE data set goes to a sink (PS3.7 6.3.1, PS3.8 E.2).
+
+    Command fragments are collected and decoded as pynetdicom does (Implicit
+    VR Little Endian); the class becomes pynetdicom's message class only when
+    the message is complete, so every later P-DATA of this message still
+    comes here.
+    """
+
+    def __init__(self, open_sink: OpenSink) -> None:  # noqa: D107 - see class
+        self.context_id = None
+        self.encoded_command_set = BytesIO()
+        self.data_set = BytesIO()
+        self.command_set = None  # type: ignore[assignment]
+        self._data_set_path = None
+        self._data_set_file = None
+        self._open_sink = open_sink
+        self._target: type[DIMSEMessage] | None = None
+        self._sink: Sink | None = None
+
+    def decode_msg(self, primitive: Any, assoc: Any = None) -> bool:
+        for context_id, data in primitive.presentation_data_value_list:
+            header = data[0]  # message control header (PS3.8 E.2)
+            if header & 0x01:  # command fragment
+                self.encoded_command_set.write(data[1:])
+                if not header & 0x02:
+                    continue
+                self.context_id = context_id
+                self.command_set = decode(self.encoded_command_set, True, True)
+                target = _MESSAGE_TYPES[int(self.command_set.CommandField)][1]
+                if self.command_set.CommandDataSetType == 0x0101:  # no data set
+                    self.__class__ = target
+                    return True
+                self._target = target
+                if target is C_STORE_RQ:
+                    self._sink = self._open_sink(assoc, context_id, self.command_set)
+                    if self._sink is not None:
+                        # message_to_primitive hands these to the C-STORE primitive.
+                        self._data_set_file = self._sink  # type: ignore[assignment]
+                        self._data_set_path = self._sink.name  # type: ignore[assignment]
+            else:  # data set fragment
+                if self._sink is not None:
+                    self._sink.write(data[1:])
+                else:
+                    self.data_set.write(data[1:])
+                if header & 0x02:
+                    if self._target is None:  # a data set before any command
+                        raise InvalidInputError("DIMSE data set without a command set")
+                    self.__class__ = self._target
+                    return True
+        return False
+
+
+class StreamingDimse(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with C-STORE data sets streamed to a sink."""
+
+    def __init__(self, assoc: Any, open_sink: OpenSink) -> None:
+        super().__init__(assoc)
+        self._open_sink = open_sink
+
+    def receive_primitive(self, primitive: Any) -> None:
+        if self.message is None:
+            self.message = _StreamingMessage(self._open_sink)
+        super().receive_primitive(primitive)
+
+
+class StorageScp:
+    """The C-STORE handler and its sinks (PS3.4 B.2)."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        *,
+        max_instance_bytes: int,
+        record: Callable[[ev.AuditEvent], None],
+        deny: Callable[[Session, str, str], None],
+    ) -> None:
+        self.gw = gw
+        self.max_instance_bytes = max_instance_bytes
+        self.record = record
+        self.deny = deny
+
+    # -- on the DUL thread, when a C-STORE-RQ command has been decoded -------
+    def open_sink(self, assoc: Any, context_id: int, command_set: Any) -> Sink | None:
+        session: Session | None = getattr(assoc, "session", None)
+        if session is None or not session.principal.partner.may("push"):
+            return DiscardSink()
+        context = assoc._accepted_cx.get(context_id)  # noqa: SLF001
+        if context is None:
+            return None  # pynetdicom answers an unknown context itself
+        header = part10_header(
+            str(command_set.AffectedSOPClassUID),
+            str(command_set.AffectedSOPInstanceUID),
+            str(context.transfer_syntax[0]),
+        )
+        return InstanceSink(self.gw.files.writer(self.max_instance_bytes), header)
+
+    # -- on the association thread: EVT_C_STORE ------------------------------
+    def handle(self, event: Any) -> int:
+        assoc = event.assoc
+        session: Session = assoc.session
+        request = event.request
+        sink = getattr(request, "_dataset_file", None)
+        if not session.principal.partner.may("push"):
+            self.deny(session, "push", "C-STORE")
+            return NOT_AUTHORIZED
+        if not isinstance(sink, InstanceSink):
+            return CANNOT_UNDERSTAND
+        if sink.error is not None:
+            sink.abort()
+            return self._failed(session, sink.error.message, sink.error.dimse_status)
+        try:
+            staged = sink.finish(self.gw.settings.store.fsync)
+        except OSError as exc:
+            sink.writer.path.unlink(missing_ok=True)
+            return self._failed(session, f"could not write the instance: {exc}", OUT_OF_RESOURCES)
+        return self._store(session, request, staged)
+
+    def _store(self, session: Session, request: Any, staged: StagedFile) -> int:
+        gw = self.gw
+        try:
+            idx = index_instance(staged.path)
+            if idx.sop_class_uid != str(request.AffectedSOPClassUID):
+                staged.path.unlink(missing_ok=True)
+                return self._failed(
+                    session, "the data set's SOP Class UID differs from the request's",
+                    DOES_NOT_MATCH_SOP_CLASS,
+                )
+            gw.files.commit(staged)
+            result = gw.store.add_instances(
+                [(idx, staged.sha256, staged.size)], session.principal.name
+            )[0]
+        except SekishoError as exc:
+            staged.path.unlink(missing_ok=True)
+            return self._failed(session, exc.message, exc.dimse_status)
+        if result == AddResult.CONFLICT:
+            return self._failed(
+                session,
+                "an instance with this SOP Instance UID and different content is stored",
+                DUPLICATE_DIFFERENT,
+            )
+        session.transfers.stored(idx, staged.size)
+        gw.metrics.inc("sekisho_dimse_instances_total", outcome="stored")
+        gw.metrics.inc("sekisho_dimse_bytes_total", staged.size)
+        if session.transfers.pending >= AUDIT_EVERY:
+            self.audit_transfers(session)
+        return SUCCESS
+
+    def _failed(self, session: Session, message: str, status: int) -> int:
+        log.info("C-STORE refused (0x%04X): %s", status, message)
+        session.transfers.failed(message)
+        self.gw.metrics.inc("sekisho_dimse_instances_total", outcome="failed")
+        return status
+
+    def audit_transfers(self, session: Session) -> None:
+        """Instances Transferred (110104) per patient for what the session stored (R-AUD-1)."""
+        stored, failures = session.transfers.drain()
+        principal = session.principal
+        own_ae = self.gw.settings.instance.ae_title
+        for (pid, issuer), tally in stored.items():
+            self.record(
+                ev.instances_transferred(
+                    actor=principal.name,
+                    actor_kind=principal.kind,  # type: ignore[arg-type]
+                    patient_id=pid,
+                    patient_issuer=issuer or None,
+                    study_uids=sorted(tally.studies),
+                    instance_count=tally.instances,
+                    source_address=session.address,
+                    destination=own_ae,
+                    cert_sha256=principal.cert_sha256,
+                    description="instances received by C-STORE over DICOM TLS",
+                    extra={"calling_ae": session.calling_ae, "bytes": str(tally.bytes)},
+                )
+            )
+        if failures:
+            self.record(
+                ev.instances_transferred(
+                    actor=principal.name,
+                    actor_kind=principal.kind,  # type: ignore[arg-type]
+                    patient_id=None,
+                    study_uids=[],
+                    instance_count=len(failures),
+                    outcome=ev.Outcome.MINOR_FAILURE,
+                    source_address=session.address,
+                    destination=own_ae,
+                    cert_sha256=principal.cert_sha256,
+                    description="; ".join(sorted(set(failures)))[:500],
+                    extra={"calling_ae": session.calling_ae},
+                )
+            )
