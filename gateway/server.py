@@ -68,6 +68,9 @@ class RunningGateway:
     async def start(self) -> None:
         gw = self.gw
         s = gw.settings
+        gap = await gw.run(gw.audit.close_checkpoint_gap, s.instance.name)
+        if gap:
+            log.warning("audit: %d record(s) were outside the head checkpoint; alert recorded", gap)
         swept = await gw.run(gw.files.sweep_tmp)
         if swept:
             log.info("removed %d partial upload(s) left by an earlier stop", swept)

@@ -23,6 +23,7 @@ from gateway.forward.destinations import (
     RoutingSettings,
     check_forwarding,
 )
+from gateway.imports.config import MediaConfig
 from pki.errors import ConfigurationError
 from pki.peer import RevocationSettings
 from pki.tls import TlsEndpointSettings
@@ -170,6 +171,8 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    #: Patient-brought media: caps, malware scanner, finalization, staff console (R-PDI).
+    media: MediaConfig = field(default_factory=MediaConfig)
     #: Directory of the configuration file; relative paths were resolved against it.
     base_dir: Path = Path(".")
 

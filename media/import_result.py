@@ -50,7 +50,11 @@ class InstanceSink(Protocol):
         ...
 
     def store(self, path: Path, meta: InstanceMeta) -> str:
-        """Store the file at ``path`` (it may be moved) and return its stored SHA-256."""
+        """Store the file at ``path`` (it may be moved) and return its stored SHA-256.
+
+        Raise :class:`~pki.errors.ConflictError` to refuse this one instance (the
+        importer reports it as ``uid-conflict`` and goes on with the others).
+        """
         ...
 
 

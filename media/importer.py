@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pki.errors import (
+    ConflictError,
     InvalidInputError,
     MalwareDetectedError,
     MediaImportError,
@@ -338,7 +339,11 @@ def _import_one(
             sha256=stored_local,
             size=out_path.stat().st_size,
         )
-        stored = sink.store(out_path, meta)
+        try:
+            stored = sink.store(out_path, meta)
+        except ConflictError as exc:  # the sink refuses this one instance (R-PDI-4)
+            _skip(result, planned, SkipReason.UID_CONFLICT, exc.message)
+            return
         result.imported.append(
             ImportedInstance(
                 planned.path,

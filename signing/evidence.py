@@ -39,36 +39,36 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from asn1crypto import algos, cms, core, ocsp
-from asn1crypto import crl as asn1_crl
+from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
-from pyhanko_certvalidator import CertificateValidator
-from pyhanko_certvalidator import errors as cv_errors
 
-from pki.errors import SigningError, TimestampError, VerificationError
-from signing.trust import TrustConfig, reason_for_exception
+from pki.errors import TimestampError, VerificationError
+from signing.trust import TrustConfig
 from signing.tsa import TsaClient, verify_token
+from signing.validation_data import (
+    ValidationData,
+    from_attributes,
+    to_attributes,
+    with_validation_data,
+)
 
 __all__ = [
     "AlgorithmPolicy",
     "EvidenceReport",
-    "EvidenceTrust",
-    "ValidationData",
+    "EvidenceRecord",
     "archive_timestamps",
-    "collect_validation_data",
     "create_evidence",
+    "key_algorithm_name",
+    "load_record",
     "renew_evidence",
     "verify_evidence",
-    "with_validation_data",
 ]
 
-ID_AA_ETS_CERT_VALUES = "1.2.840.113549.1.9.16.2.23"
-ID_AA_ETS_REVOCATION_VALUES = "1.2.840.113549.1.9.16.2.24"
 _HASHES = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
 
@@ -100,28 +100,6 @@ class _ArchiveTimeStampSequence(core.SequenceOf):
     _child_spec = _ArchiveTimeStampChain
 
 
-class _CertificateValues(core.SequenceOf):
-    _child_spec = asn1_x509.Certificate
-
-
-class _Crls(core.SequenceOf):
-    _child_spec = asn1_crl.CertificateList
-
-
-class _BasicOcsps(core.SequenceOf):
-    _child_spec = ocsp.BasicOCSPResponse
-
-
-class _RevocationValues(core.Sequence):
-    """CAdES ``RevocationValues`` (ETSI EN 319 122-1 A.1; EXPLICIT tags)."""
-
-    _fields = [
-        ("crl_vals", _Crls, {"explicit": 0, "optional": True}),
-        ("ocsp_vals", _BasicOcsps, {"explicit": 1, "optional": True}),
-        ("other_rev_vals", core.Any, {"explicit": 2, "optional": True}),
-    ]
-
-
 class _SetOfAny(core.SetOf):
     _child_spec = core.Any
 
@@ -132,6 +110,20 @@ class _Attribute(core.Sequence):
 
 class _CryptoInfos(core.SequenceOf):
     _child_spec = _Attribute
+
+
+def _crypto_infos(vd: ValidationData) -> _CryptoInfos | None:
+    attrs = [{"type": oid, "values": [core.Any.load(der)]} for oid, der in to_attributes(vd)]
+    return _CryptoInfos(attrs) if attrs else None
+
+
+def _validation_data_of(record: EvidenceRecord) -> ValidationData:
+    infos = record["crypto_infos"]
+    if isinstance(infos, core.Void):
+        return ValidationData()
+    return from_attributes(
+        (attr["type"].dotted, value.dump()) for attr in infos for value in attr["values"]
+    )
 
 
 class _DigestAlgorithms(core.SequenceOf):
@@ -152,192 +144,6 @@ class EvidenceRecord(core.Sequence):
         ("encryption_info", _EncryptionInfo, {"implicit": 1, "optional": True}),
         ("archive_time_stamp_sequence", _ArchiveTimeStampSequence),
     ]
-
-
-# ------------------------------------------------------------------ validation data
-@dataclass(frozen=True)
-class ValidationData:
-    """Certificates, CRLs and OCSP responses (DER), captured while they were current."""
-
-    certificates: tuple[bytes, ...] = ()
-    crls: tuple[bytes, ...] = ()
-    #: DER ``BasicOCSPResponse`` values (the signed part of an OCSP response).
-    ocsps: tuple[bytes, ...] = ()
-
-    def items(self) -> list[bytes]:
-        """Every item once, in a stable order (the members of the hashed group)."""
-        return list(dict.fromkeys([*self.certificates, *self.crls, *self.ocsps]))
-
-    def merged(self, other: ValidationData) -> ValidationData:
-        return ValidationData(
-            tuple(dict.fromkeys([*self.certificates, *other.certificates])),
-            tuple(dict.fromkeys([*self.crls, *other.crls])),
-            tuple(dict.fromkeys([*self.ocsps, *other.ocsps])),
-        )
-
-    def __len__(self) -> int:
-        return len(self.items())
-
-    def ocsp_responses(self) -> list[ocsp.OCSPResponse]:
-        """The OCSP items wrapped back into ``OCSPResponse`` (RFC 6960 §4.2.1)."""
-        return [
-            ocsp.OCSPResponse(
-                {
-                    "response_status": "successful",
-                    "response_bytes": {
-                        "response_type": "basic_ocsp_response",
-                        "response": ocsp.BasicOCSPResponse.load(der),
-                    },
-                }
-            )
-            for der in self.ocsps
-        ]
-
-
-def _crypto_infos(vd: ValidationData) -> _CryptoInfos | None:
-    attrs = []
-    if vd.certificates:
-        values = _CertificateValues([asn1_x509.Certificate.load(c) for c in vd.certificates])
-        attrs.append({"type": ID_AA_ETS_CERT_VALUES, "values": [core.Any.load(values.dump())]})
-    if vd.crls or vd.ocsps:
-        rev: dict[str, Any] = {}
-        if vd.crls:
-            rev["crl_vals"] = _Crls([asn1_crl.CertificateList.load(c) for c in vd.crls])
-        if vd.ocsps:
-            rev["ocsp_vals"] = _BasicOcsps([ocsp.BasicOCSPResponse.load(o) for o in vd.ocsps])
-        values = _RevocationValues(rev)
-        attrs.append(
-            {"type": ID_AA_ETS_REVOCATION_VALUES, "values": [core.Any.load(values.dump())]}
-        )
-    return _CryptoInfos(attrs) if attrs else None
-
-
-def _validation_data_of(record: EvidenceRecord) -> ValidationData:
-    certs: list[bytes] = []
-    crls: list[bytes] = []
-    ocsps: list[bytes] = []
-    infos = record["crypto_infos"]
-    if isinstance(infos, core.Void):
-        return ValidationData()
-    for attr in infos:
-        oid = attr["type"].dotted
-        for value in attr["values"]:
-            raw = value.dump()
-            if oid == ID_AA_ETS_CERT_VALUES:
-                certs += [c.dump() for c in _CertificateValues.load(raw)]
-            elif oid == ID_AA_ETS_REVOCATION_VALUES:
-                rv = _RevocationValues.load(raw)
-                if not isinstance(rv["crl_vals"], core.Void):
-                    crls += [c.dump() for c in rv["crl_vals"]]
-                if not isinstance(rv["ocsp_vals"], core.Void):
-                    ocsps += [o.dump() for o in rv["ocsp_vals"]]
-    return ValidationData(tuple(certs), tuple(crls), tuple(ocsps))
-
-
-@dataclass(frozen=True, eq=False)
-class EvidenceTrust(TrustConfig):
-    """The configured trust plus captured validation data, OCSP responses included."""
-
-    ocsps: tuple[Any, ...] = ()
-
-    def signer_context(self, moment=None, *, other_certs=(), crls=(), ocsps=(), revocation=None):  # type: ignore[no-untyped-def]
-        return super().signer_context(
-            moment, other_certs=other_certs, crls=crls, ocsps=[*self.ocsps, *ocsps],
-            revocation=revocation,
-        )  # fmt: skip
-
-    def tsa_context(self, moment=None, *, other_certs=(), crls=(), ocsps=(), revocation=None):  # type: ignore[no-untyped-def]
-        return super().tsa_context(
-            moment, other_certs=other_certs, crls=crls, ocsps=[*self.ocsps, *ocsps],
-            revocation=revocation,
-        )  # fmt: skip
-
-
-def with_validation_data(
-    trust: TrustConfig, vd: ValidationData, *, allow_fetching: bool = False
-) -> EvidenceTrust:
-    """``trust`` extended by ``vd``; fetching off by default (the CA may be gone)."""
-    base = {f.name: getattr(trust, f.name) for f in dataclasses.fields(TrustConfig)}
-    base.update(
-        intermediates=(
-            *trust.intermediates,
-            *(asn1_x509.Certificate.load(c) for c in vd.certificates),
-        ),
-        crls=(*trust.crls, *vd.crls),
-        allow_fetching=allow_fetching,
-    )
-    extra = tuple(getattr(trust, "ocsps", ()))
-    return EvidenceTrust(**base, ocsps=(*extra, *vd.ocsp_responses()))
-
-
-def _token_signer(token_der: bytes) -> tuple[asn1_x509.Certificate, list[asn1_x509.Certificate]]:
-    """The TSA certificate of an RFC 3161 token and the other certificates it carries."""
-    try:
-        sd = cms.ContentInfo.load(token_der)["content"]
-        sid = sd["signer_infos"][0]["sid"]
-        certs = [c.chosen for c in sd["certificates"] or [] if c.name == "certificate"]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise TimestampError(f"timestamp token is malformed: {exc}") from exc
-    for cert in certs:
-        if sid.name == "issuer_and_serial_number":
-            chosen = sid.chosen
-            if cert.issuer == chosen["issuer"] and cert.serial_number == chosen["serial_number"].native:
-                return cert, [c for c in certs if c is not cert]
-        elif cert.key_identifier == sid.chosen.native:
-            return cert, [c for c in certs if c is not cert]
-    raise TimestampError("timestamp token does not contain the TSA certificate")
-
-
-async def _validate_path(
-    cert: asn1_x509.Certificate,
-    others: Sequence[asn1_x509.Certificate],
-    vc: Any,
-    usage: set[str],
-    eku: set[str] | None,
-) -> ValidationData:
-    validator = CertificateValidator(cert, intermediate_certs=list(others), validation_context=vc)
-    try:
-        path = await validator.async_validate_usage(usage, extended_key_usage=eku)
-    except (cv_errors.PathBuildingError, cv_errors.PathValidationError) as exc:
-        reason = reason_for_exception(exc)
-        raise SigningError(
-            f"cannot capture validation data: {cert.subject.human_friendly} {reason}"
-        ) from exc
-    chain = [c.dump() for c in path.iter_certs(include_root=True)]
-    issuers = {asn1_x509.Certificate.load(c).subject.dump() for c in chain}
-    crls = [c.dump() for c in vc.crls if c.issuer.dump() in issuers]
-    ocsps = [
-        o["response_bytes"]["response"].parsed.dump()
-        for o in vc.ocsps
-        if o["response_status"].native == "successful"
-    ]
-    return ValidationData(tuple(chain), tuple(dict.fromkeys(crls)), tuple(ocsps))
-
-
-async def collect_validation_data(
-    trust: TrustConfig,
-    *,
-    at: datetime,
-    signer: asn1_x509.Certificate | None = None,
-    signer_chain: Sequence[asn1_x509.Certificate] = (),
-    tokens: Iterable[bytes] = (),
-) -> ValidationData:
-    """Validate the signer's and the TSAs' certificates at ``at`` and keep what was used.
-
-    CRLs and OCSP responses come from the configured files or, where the
-    configuration allows fetching, from the CA's services right now; this is
-    the moment to capture them (R-SIG-6 "captured while valid").
-    """
-    vd = ValidationData()
-    if signer is not None:
-        vc = trust.signer_context(at)
-        vd = vd.merged(await _validate_path(signer, signer_chain, vc, {"non_repudiation"}, None))
-    for token in tokens:
-        tsa_cert, others = _token_signer(token)
-        vc = trust.tsa_context(at)
-        got = await _validate_path(tsa_cert, others, vc, {"digital_signature"}, {"time_stamping"})
-        vd = vd.merged(got)
-    return vd
 
 
 # ------------------------------------------------------------------ hashing (RFC 4998 §4.2)
@@ -406,12 +212,21 @@ async def create_evidence(
 
 
 def load_record(er_der: bytes) -> EvidenceRecord:
+    """Parse an Evidence Record completely, refusing malformed DER now."""
     try:
         record = EvidenceRecord.load(er_der)
-        record.native  # noqa: B018 - full parse: refuse malformed DER now
+        for alg in record["digest_algorithms"]:
+            alg["algorithm"].native  # noqa: B018
+        for chain in record["archive_time_stamp_sequence"]:
+            for ats in chain:
+                ats["digest_algorithm"].native  # noqa: B018
+                ats["reduced_hashtree"].native  # noqa: B018
+                ats["time_stamp"]["content_type"].native  # noqa: B018
+        _validation_data_of(record)
+        version = record["version"].native
     except (ValueError, TypeError, KeyError) as exc:
         raise VerificationError(f"evidence record is malformed: {exc}") from exc
-    if record["version"].native != 1 or not len(record["archive_time_stamp_sequence"]):
+    if version != 1 or not len(record["archive_time_stamp_sequence"]):
         raise VerificationError("evidence record is not a v1 record with archive timestamps")
     return record
 
@@ -580,8 +395,15 @@ async def verify_evidence(
     *,
     now: datetime | None = None,
     algorithms: AlgorithmPolicy | None = None,
+    fetch_current: bool | None = None,
 ) -> EvidenceReport:
-    """Verify ``er_der`` over ``data`` at ``now`` (default: the current time)."""
+    """Verify ``er_der`` over ``data`` at ``now`` (default: the current time).
+
+    Earlier timestamps are judged only from the configured anchors and CRLs and
+    the captured data.  The newest is judged at ``now``; ``fetch_current``
+    (default: the trust configuration's ``allow_fetching``) lets the validator
+    fetch the current revocation status of its TSA certificate.
+    """
     now = (now or datetime.now(UTC)).astimezone(UTC)
     algorithms = algorithms or AlgorithmPolicy()
     report = EvidenceReport(checked_at=now)
@@ -639,26 +461,21 @@ async def verify_evidence(
     report.unprotected_items = len(set(items) - protected)
     # Timestamps: read the times first, then judge each at the next one's time.
     times: list[datetime | None] = []
-    for step, token, _root in steps:
+    for _step, token, _root in steps:
         try:
             info = cms.ContentInfo.load(token)["content"]["encap_content_info"]["content"].parsed
             times.append(info["gen_time"].native)
         except (ValueError, KeyError, TypeError):
             times.append(None)
-    checking = with_validation_data(trust, ValidationData(), allow_fetching=trust.allow_fetching)
-    checking = dataclasses.replace(
-        checking,
-        intermediates=(
-            *checking.intermediates,
-            *(asn1_x509.Certificate.load(c) for c in vd.certificates),
-        ),
-        crls=(*checking.crls, *vd.crls),
-        ocsps=(*checking.ocsps, *vd.ocsp_responses()),
-    )
+    past = with_validation_data(trust, vd, allow_fetching=False)
+    fetch = trust.allow_fetching if fetch_current is None else fetch_current
+    current = with_validation_data(trust, vd, allow_fetching=fetch)
     for i, (step, token, root) in enumerate(steps):
         later = times[i + 1] if i + 1 < len(steps) else None
+        step.time = times[i]
         step.judged_at = later or now
         try:
+            checking = past if later is not None else current
             tok = await verify_token(token, checking, imprint=root, at=step.judged_at)
             step.time, step.tsa = tok.gen_time, tok.tsa_subject
             step.tsa_not_after = tok.tsa_certificate.not_valid_after
@@ -672,8 +489,6 @@ async def verify_evidence(
         except (TimestampError, VerificationError) as exc:
             step.problem = exc.message
             when = "now" if later is None else f"when renewed at {later:%Y-%m-%d %H:%M}"
-            report.problems.append(
-                f"archive timestamp {i + 1} not valid {when}: {exc.message}"
-            )
+            report.problems.append(f"archive timestamp {i + 1} not valid {when}: {exc.message}")
         report.steps.append(step)
     return report

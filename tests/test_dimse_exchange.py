@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,41 +69,45 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("dimse")
     inst = create_instance(work / "gw", {"dimse": {"handshake_timeout_seconds": 5}})
     port = int(inst.read_config()["dimse"]["port"])
-    # Started first: its ports are taken before the DCMTK receivers pick free ones.
-    gw = GatewayProcess(inst).start()
-    pki = inst.pki
-    cert_a, key_a = issue_node_certificate(pki, "partner-a-node", work / "nodes")
-    cert_b, key_b = issue_node_certificate(pki, "partner-b-node", work / "nodes")
-    root = pki.cert_path("root-ca")
-    scp_a = StoreScp("PARTNER_A_SCP", cert_a, key_a, [root], work / "recv-a")
-    scp_b = StoreScp("PARTNER_B_SCP", cert_b, key_b, [root], work / "recv-b")
-    for name, role, ae, perms, scp in (
-        ("partner-a", "partner-valid-1", "PARTNER_A", ("push", "query", "retrieve"), scp_a),
-        ("partner-b", "partner-valid-2", "PARTNER_B", ("push", "query"), scp_b),
-    ):
-        inst.cli_ok("partner", "remove", name)
-        args = ["partner", "add", name, "--certificate", str(pki.cert_path(role)),
-                "--ae-title", ae, "--network", "regional",
-                "--move-destination", f"{ae}_SCP=127.0.0.1:{scp.port}"]
-        for perm in perms:
-            args += ["--permission", perm]
-        inst.cli_ok(*args)
-    inst.cli_ok("consent", "grant", "P1", "--partner", "partner-a", "--by", "nurse01")
-    inst.cli_ok("consent", "grant", "P2", "--network", "regional", "--by", "nurse01")
-    studies = {
-        "S1": build_study(patient_id="P1", series=(("CT", 3), ("MR", 2)), rows=64, columns=64),
-        "S2": build_study(patient_id="P2", patient_name="SUZUKI^HANAKO", series=(("CT", 2),),
-                          rows=64, columns=64),
-        "S3": build_study(patient_id="P3", patient_name="SATO^JIRO", series=(("MR", 2),),
-                          rows=64, columns=64),
-    }
-    files = work / "sent"
-    files.mkdir()
-    for key, study in studies.items():
-        for n, instance in enumerate(study.instances):
-            (files / f"{key}-{n}.dcm").write_bytes(instance.data)
-    e = Env(inst, gw, port, studies, scp_a, scp_b, work)
-    try:
+    with ExitStack() as stack:
+        # Started first: its ports are taken before the DCMTK receivers pick free ones.
+        gw = GatewayProcess(inst).start()
+        stack.callback(gw.stop)
+        pki = inst.pki
+        cert_a, key_a = issue_node_certificate(pki, "partner-a-node", work / "nodes")
+        cert_b, key_b = issue_node_certificate(pki, "partner-b-node", work / "nodes")
+        root = pki.cert_path("root-ca")
+        scp_a = StoreScp("PARTNER_A_SCP", cert_a, key_a, [root], work / "recv-a")
+        stack.callback(scp_a.stop)
+        scp_b = StoreScp("PARTNER_B_SCP", cert_b, key_b, [root], work / "recv-b")
+        stack.callback(scp_b.stop)
+        for name, role, ae, perms, scp in (
+            ("partner-a", "partner-valid-1", "PARTNER_A", ("push", "query", "retrieve"), scp_a),
+            ("partner-b", "partner-valid-2", "PARTNER_B", ("push", "query"), scp_b),
+        ):
+            inst.cli_ok("partner", "remove", name)
+            args = ["partner", "add", name, "--certificate", str(pki.cert_path(role)),
+                    "--ae-title", ae, "--network", "regional",
+                    "--move-destination", f"{ae}_SCP=127.0.0.1:{scp.port}"]
+            for perm in perms:
+                args += ["--permission", perm]
+            inst.cli_ok(*args)
+        inst.cli_ok("consent", "grant", "P1", "--partner", "partner-a", "--by", "nurse01")
+        inst.cli_ok("consent", "grant", "P2", "--network", "regional", "--by", "nurse01")
+        studies = {
+            "S1": build_study(patient_id="P1", series=(("CT", 3), ("MR", 2)), rows=64,
+                              columns=64),
+            "S2": build_study(patient_id="P2", patient_name="SUZUKI^HANAKO",
+                              series=(("CT", 2),), rows=64, columns=64),
+            "S3": build_study(patient_id="P3", patient_name="SATO^JIRO", series=(("MR", 2),),
+                              rows=64, columns=64),
+        }
+        files = work / "sent"
+        files.mkdir()
+        for key, study in studies.items():
+            for n, instance in enumerate(study.instances):
+                (files / f"{key}-{n}.dcm").write_bytes(instance.data)
+        e = Env(inst, gw, port, studies, scp_a, scp_b, work)
         proc = dcmtk("storescu", *e.tls(), "-aet", "PARTNER_A", "-aec", "SEKISHO",
                      "127.0.0.1", str(port), *sorted(files.iterdir()))
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -111,10 +116,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             r.event.patient_id for r in inst.audit_records(event_id=INSTANCES_TRANSFERRED)
         }) == 3)
         yield e
-    finally:
-        gw.stop()
-        scp_a.stop()
-        scp_b.stop()
 
 
 def _find(e: Env, role: str, calling: str, *keys: str, model: str = "-S") -> list[pydicom.Dataset]:

@@ -46,7 +46,7 @@ from .chain import (
     parse_time,
 )
 from .checkpoint import read_checkpoint, write_checkpoint
-from .events import AuditEvent, Code
+from .events import AuditEvent, Code, security_alert
 
 _log = logging.getLogger(__name__)
 
@@ -250,6 +250,32 @@ class AuditTrail:
                 except Exception:  # noqa: BLE001 - the record is committed regardless
                     _log.exception("audit subscriber failed for record %d", seq)
         return seq
+
+    def close_checkpoint_gap(self, actor: str = "sekisho") -> int:
+        """Record, at start-up, records a crash left outside the head checkpoint.
+
+        The checkpoint file is rewritten after each commit; a crash between the
+        two leaves the newest records uncovered.  This appends a Security Alert
+        naming them (which moves the checkpoint past them), so that the gap is
+        itself on the record instead of silently accepted.  Returns how many
+        records were uncovered.
+        """
+        checkpoint = read_checkpoint(self.head_path)
+        head = self.head()
+        base = checkpoint.seq if checkpoint else 0
+        gap = head.seq - base
+        if gap <= 0:
+            return 0
+        self.record(
+            security_alert(
+                "audit-checkpoint-gap",
+                f"records {base + 1} to {head.seq} were not covered by the head "
+                "checkpoint when the gateway started (unclean stop?)",
+                actor=actor,
+                actor_kind="system",
+            )
+        )
+        return gap
 
     def head(self) -> Checkpoint:
         """The current last ``(seq, record_hash)``; ``(0, GENESIS_HASH)`` when empty."""

@@ -166,9 +166,9 @@ class RetrieveScp:
             rsp.Identifier = None
             if identifier is not None:
                 ts = context.transfer_syntax[0]
-                rsp.Identifier = BytesIO(
-                    encode(identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-                )
+                encoded = encode(identifier, ts.is_implicit_VR, ts.is_little_endian,
+                                 ts.is_deflated)
+                rsp.Identifier = BytesIO(encoded or b"")
             assoc.dimse.send_msg(rsp, context.context_id)
 
         if not session.principal.partner.may("retrieve"):

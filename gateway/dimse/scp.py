@@ -7,6 +7,10 @@ Query/Retrieve in the Patient Root and Study Root models: C-FIND, C-MOVE and
 C-GET (Annex C; C-GET needs the requestor's SCP role for the storage SOP
 classes, which is accepted in SCP/SCU Role Selection, PS3.7 D.3.3.4).
 
+Storage Commitment N-EVENT-REPORTs that a provider sends on an association of
+its own (PS3.4 J.3.3) are accepted here and handed to
+``gateway.forward.commitment.handle_n_event_report``.
+
 Every request is decided by the certificate's partner: its permissions
 (push, query, retrieve; R-XCH-3) and its consent-filtered view of the store
 (R-XCH-2).  Refusals are Security Alerts (110113), queries Query records
@@ -68,6 +72,7 @@ from pki.tls import client_context, server_context
 
 log = logging.getLogger("sekisho.dimse")
 
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 PENDING = 0xFF00
 CANCELLED = 0xFE00
 NOT_AUTHORIZED = 0x0124
@@ -141,11 +146,22 @@ class DimseService:
         for cx in AllStoragePresentationContexts:
             # Roles accepted as proposed: a C-GET requestor asks for the SCP role.
             ae.add_supported_context(
-                cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+                str(cx.abstract_syntax), STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
             )
         for uid in (*FIND_MODELS, *RETRIEVE_MODELS):
             ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
+        # Storage Commitment results a provider sends on its own association
+        # (PS3.4 J.3.3): it proposes the SCP role for itself (PS3.7 D.3.3.4).
+        ae.add_supported_context(
+            STORAGE_COMMITMENT_PUSH, DEFAULT_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
         return ae
+
+    def _commitment_report(self, event: Any) -> Any:
+        """N-EVENT-REPORT of Storage Commitment, handled by the outbound side (gateway.forward)."""
+        from gateway.forward.commitment import handle_n_event_report
+
+        return handle_n_event_report(self.gw, event)
 
     def _client_context(self) -> Any:
         """The gateway's TLS client context (C-MOVE destinations), built once."""
@@ -163,11 +179,12 @@ class DimseService:
                 target=self._own_loop.run_forever, name="sekisho-dimse-auth", daemon=True
             ).start()
         own_ae = self.gw.settings.instance.ae_title
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, gate_association(own_ae, self._rejected)),
             (evt.EVT_C_ECHO, lambda _event: 0x0000),
             (evt.EVT_C_STORE, self.storage.handle),
             (evt.EVT_C_FIND, self._find),
+            (evt.EVT_N_EVENT_REPORT, self._commitment_report),
         ]
         hooks = ListenerHooks(
             authenticate=self._authenticate,

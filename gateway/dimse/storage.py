@@ -32,6 +32,7 @@ from typing import Any
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dsutils import decode
@@ -68,10 +69,10 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     """
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     fp = DicomBytesIO()
     fp.is_little_endian = True
@@ -152,7 +153,7 @@ class _StreamingMessage(DIMSEMessage):
     def __init__(self, open_sink: OpenSink) -> None:  # noqa: D107 - see class
         self.context_id = None
         self.encoded_command_set = BytesIO()
-        self.data_set = BytesIO()
+        self.data_set: BytesIO = BytesIO()
         self.command_set = None  # type: ignore[assignment]
         self._data_set_path = None
         self._data_set_file = None
@@ -171,7 +172,7 @@ class _StreamingMessage(DIMSEMessage):
                 self.command_set = decode(self.encoded_command_set, True, True)
                 target = _MESSAGE_TYPES[int(self.command_set.CommandField)][1]
                 if self.command_set.CommandDataSetType == 0x0101:  # no data set
-                    self.__class__ = target
+                    self.__class__ = target  # type: ignore[assignment]
                     return True
                 self._target = target
                 if target is C_STORE_RQ:
@@ -188,7 +189,7 @@ class _StreamingMessage(DIMSEMessage):
                 if header & 0x02:
                     if self._target is None:  # a data set before any command
                         raise InvalidInputError("DIMSE data set without a command set")
-                    self.__class__ = self._target
+                    self.__class__ = self._target  # type: ignore[assignment]
                     return True
         return False
 

@@ -200,6 +200,13 @@ class SqliteMetadataStore:
                 ):
                     results.append(AddResult.CONFLICT)
                     continue
+                # A series belongs to one study: check before writing any row.
+                series = conn.execute(
+                    "SELECT study_uid FROM series WHERE series_uid = ?", (idx.series_uid,)
+                ).fetchone()
+                if series is not None and series["study_uid"] != idx.study_uid:
+                    results.append(AddResult.CONFLICT)
+                    continue
                 patient_pk = self._upsert_patient(conn, idx)
                 conn.execute(
                     "INSERT OR IGNORE INTO studies (study_uid, patient_pk, study_date, study_time,"
@@ -210,12 +217,6 @@ class SqliteMetadataStore:
                         idx.specific_character_set,
                     ),
                 )
-                series = conn.execute(
-                    "SELECT study_uid FROM series WHERE series_uid = ?", (idx.series_uid,)
-                ).fetchone()
-                if series is not None and series["study_uid"] != idx.study_uid:
-                    results.append(AddResult.CONFLICT)
-                    continue
                 conn.execute(
                     "INSERT OR IGNORE INTO series (series_uid, study_uid, modality, series_number,"
                     " description) VALUES (?,?,?,?,?)",
