@@ -94,7 +94,13 @@ def run_sekisho(config: Path, study: str, destination: str) -> float:
 
         async def drain() -> None:
             fw = Forwarder(gw)
-            await fw.run_until_idle()
+            await gw.run(fw.prepare)
+            dest = fw.destinations[destination]
+            while True:  # `concurrency` workers, as `sekisho serve` runs them
+                done = await asyncio.gather(
+                    *(fw.run_batch(destination) for _ in range(dest.concurrency)))
+                if not any(done):
+                    break
             await fw.stop()
 
         started = time.perf_counter()
@@ -123,6 +129,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="100 instances")
     ap.add_argument("--size", type=int, default=512, help="rows = columns (512 -> 513 KiB)")
     ap.add_argument("--batch", type=int, default=100, help="instances per association")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="parallel associations of the gateway (storescp then runs --fork)")
     ap.add_argument("--targets", default="storescp,orthanc")
     ap.add_argument("--workdir", help="keep data and logs here")
     args = ap.parse_args()
@@ -143,21 +151,23 @@ def main() -> int:
             for sender in ("storescu", "sekisho"):
                 recv = work / f"recv-{target}-{sender}"
                 if target == "storescp":
-                    with storescp(pki, recv) as (port, _proc):
+                    fork = ("--fork",) if args.concurrency > 1 else ()
+                    with storescp(pki, recv, extra=fork) as (port, _proc):
                         elapsed = measure(sender, pki, port, "DEST", work, files, study, recv,
-                                          args.batch, target)
+                                          args.batch, target, args.concurrency)
                         if sender == "sekisho":
                             check(recv, files)
                 else:
                     with orthanc_peer(pki) as peer:
                         elapsed = measure(sender, pki, peer.dicom_port, peer.aet, work, files,
-                                          study, recv, args.batch, target)
+                                          study, recv, args.batch, target, args.concurrency)
                         count = peer.statistics().get("CountInstances")
                         if count != n:
                             print(f"warning: Orthanc holds {count} of {n} instances")
                 rows.append((target, sender, elapsed))
-        print(f"\n{n} instances, {total / MIB:.1f} MiB, batch {args.batch}, DICOM over TLS 1.3/1.2"
-              " with client certificates\n")
+        print(f"\n{n} instances, {total / MIB:.1f} MiB, batch {args.batch}, "
+              f"{args.concurrency} association(s) for sekisho, 1 for storescu; DICOM over TLS "
+              "with client certificates\n")
         print(f"{'receiver':<10} {'sender':<9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>8}")
         for target, sender, elapsed in rows:
             print(f"{target:<10} {sender:<9} {elapsed:>8.2f} {n / elapsed:>8.1f} "
@@ -174,13 +184,13 @@ def main() -> int:
 
 
 def measure(sender: str, pki: devpki.DevPki, port: int, ae: str, work: Path, files: list[Path],
-            study: str, recv: Path, batch: int, target: str) -> float:
+            study: str, recv: Path, batch: int, target: str, concurrency: int) -> float:
     if sender == "storescu":
         return run_storescu(pki, port, ae, files[0].parent, work)
     gwdir = work / f"gw-{target}"
     shutil.rmtree(gwdir, ignore_errors=True)
     dest = dimse_destination("bench", pki, port, called_ae=ae,
-                             extra=f"batch_size = {batch}")
+                             extra=f"batch_size = {batch}\nconcurrency = {concurrency}")
     config = write_config(gwdir, pki, dest)
     gw = open_gateway(config)
     try:

@@ -101,6 +101,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.forward.worker import client_contexts
 
     client_contexts(s)  # every destination's TLS files and key/certificate match
+    from gateway.signatures.config import load_signing_settings, signing_configured
+
+    if signing_configured(s) or s.audit.seal_interval_minutes > 0:
+        load_signing_settings(s)  # [signing] anchors, CRLs and policies load (R-SIG)
     print("configuration is valid")
     return 0
 
@@ -269,10 +273,12 @@ def cmd_consent_list(args: argparse.Namespace) -> int:
 # -- audit -----------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit.trail import AuditTrail
+    from gateway.signatures.sealing import token_check_for
 
     s = _settings(args)
     trail = AuditTrail(s.audit_database)
-    report = trail.verify()
+    # R-AUD-2: with [signing] configured, each seal's RFC 3161 token is verified too.
+    report = trail.verify(token_check=token_check_for(s))
     stale = _unchecked_records(trail, report)
     if report.ok and stale:
         print(
@@ -414,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-id")
     p.add_argument("--output", "-o", default="-")
     p.set_defaults(func=cmd_audit_export)
+    from gateway.signatures.commands import add_audit_commands
+
+    add_audit_commands(audit, with_config)  # audit seal (R-AUD-2)
 
     from gateway.forward.commands import add_commands as add_forward_commands
 
@@ -421,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.imports.commands import add_commands as add_media_commands
 
     add_media_commands(sub, with_config)  # media inspect|import|imports|finalize-due
+    from gateway.digitization.commands import add_commands as add_digitization_commands
+
+    add_digitization_commands(sub, with_config)  # film, digitize, signatures
+    from gateway.signatures.commands import add_commands as add_signing_commands
+
+    add_signing_commands(sub, with_config)  # sign, verify, dev-tsa (R-SIG)
     return parser
 
 

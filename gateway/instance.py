@@ -78,11 +78,77 @@ files = "var/store"
 fsync = true
 
 [audit]
+# Seal the chain head with an RFC 3161 timestamp from [signing] tsa_url every
+# N minutes while serving (0 = never; `sekisho audit seal` seals on demand).
 seal_interval_minutes = 0
 
 [logging]
 level = "INFO"
 format = "json"
+
+# --- [signing]: HPKI signatures, RFC 3161 timestamps, audit seals (R-SIG, R-AUD-2) ---
+# Off in the demo because no TSA runs by default. To try it:
+#   1. start the development TSA (NOT for production) in another terminal:
+#        sekisho dev-tsa --config sekisho.toml        # http://127.0.0.1:3180/tsa
+#   2. uncomment the tables below, then for example:
+#        sekisho sign dicom in.dcm out.dcm --type digitized-film --signer SIGNER
+#      with SIGNER = pkcs12:pki/hpki-signer.p12,password-file=pki/hpki-signer.p12.pass
+#        sekisho verify out.dcm --type digitized-film
+#        sekisho audit seal && sekisho audit verify
+#
+# [signing]
+# tsa_url = "http://127.0.0.1:3180/tsa"   # RFC 3161 TSA (an accredited one in production)
+# tsa_timeout = 10                        # seconds for one timestamp request
+# max_clock_skew_seconds = 5              # local clock vs TSA time: Security Alert beyond
+#
+# [signing.trust]                         # anchors are obtained out of band, never the OS store
+# signer_anchors = ["pki/hpki-root-ca.crt.pem"]   # HPKI certification authorities
+# tsa_anchors = ["pki/root-ca.crt.pem"]           # CAs of accepted TSAs
+# crls = ["pki/hpki-root-ca.crl.pem", "pki/root-ca.crl.pem"]
+# revocation = "hard-fail"                # "require" | "hard-fail" | "soft-fail"
+# allow_fetching = false                  # download CRLs/OCSP named in certificates
+#
+# [signing.policy.digitized-film]         # R-SIG-1: one table per record type
+# signature_required = true
+# hpki_role_required = true
+# allowed_roles = ["Medical Doctor", "Radiological Technologist"]
+# timestamp_required = true
+# dicom_profile = "creator"               # "creator" | "authorization" | "all"
+# default_purpose = "1"                   # ASTM E1762 1 = Author's Signature
+#
+# [signing.policy.scanned-document]
+# hpki_role_required = true
+# allowed_roles = ["Medical Doctor"]
+# timestamp_required = true
+#
+# [signing.policy.imported-record]
+# hpki_role_required = false
+# timestamp_required = true
+
+# --- store-and-forward (R-XCH-4..7, R-EXT): none configured in the demo ---
+# One table per destination; jobs: `sekisho send --study UID --to NAME`,
+# `sekisho queue list|retry`, restores: `sekisho restore --study UID --from NAME`.
+#
+# [destinations.ext-store]
+# role = "external-storage"               # partner | pacs | external-storage
+# transport = "dimse"                     # dimse (C-STORE over TLS) | dicomweb (STOW-RS)
+# host = "storage.example"
+# port = 2762
+# called_ae = "EXTSTORE"
+# storage_commitment = true               # complete only when committed (PS3.4 Annex J)
+# partner = "provider"                    # its inbound registration: no query/retrieve (R-EXT-1)
+# [destinations.ext-store.tls]            # this peer's own TLS settings
+# certificate = "pki/gateway-server.crt.pem"
+# private_key = "pki/gateway-server.key.pem"
+# trust_anchors = ["pki/root-ca.crt.pem"] # CA of the provider's server certificate
+# [destinations.ext-store.retry]
+# max_attempts = 10                       # then the job stops with an alert
+#
+# [routing]
+# on_receive = ["ext-store"]              # everything stored is sent there
+#
+# [retention]
+# keep_local_days = 0                     # 0: local copies are always kept (R-EXT-4)
 """
 
 DEMO_PARTNERS = (

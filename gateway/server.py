@@ -48,6 +48,9 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.logging.level)
     # pynetdicom would log query identifiers (patient data) at debug level.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from gateway.imports.quiet import silence_pydicom
+
+    silence_pydicom()  # pydicom quotes values of hostile media in its warnings
 
 
 class RunningGateway:
@@ -64,6 +67,10 @@ class RunningGateway:
         self.dimse_address: tuple[str, int] | None = None
         #: Store-and-forward workers (gateway.forward.worker.Forwarder).
         self.forwarder: Any = None
+        #: Staff console listener and scheduled finalization (gateway.imports.runtime).
+        self.media: Any = None
+        #: RFC 3161 seals of the audit chain head (gateway.signatures.sealing, R-AUD-2).
+        self.sealer: Any = None
 
     async def start(self) -> None:
         gw = self.gw
@@ -76,6 +83,10 @@ class RunningGateway:
             log.info("removed %d partial upload(s) left by an earlier stop", swept)
         for warning in await gw.run(gw.expiry_warnings):
             log.warning("certificate expiry: %s", warning)
+        if s.audit.seal_interval_minutes > 0:  # a TSA-less configuration refuses to start
+            from gateway.signatures.sealing import PeriodicSealer
+
+            self.sealer = PeriodicSealer(gw, s.audit.seal_interval_minutes)
         ctx = server_context(s.tls)
         authenticator = gw.authenticator()
         base_url = s.https.public_url or f"https://{_host_for_url(s.https.host)}:{s.https.port}"
@@ -127,10 +138,19 @@ class RunningGateway:
 
             self.forwarder = Forwarder(gw)
             await self.forwarder.start()
+        from gateway.imports.runtime import start_media_services
+
+        self.media = await start_media_services(gw)
         await gw.record(ev.application_activity("start", actor=s.instance.name))
+        if self.sealer:
+            self.sealer.start()  # first seal now (covers the start record), then periodically
         log.info("Sekisho listening on %s (DICOMweb over mutual TLS)", self.addresses)
 
     async def stop(self) -> None:
+        if self.sealer:
+            await self.sealer.stop()
+        if self.media:
+            await self.media.stop()
         if self.forwarder:
             await self.forwarder.stop()
         if self.dimse:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.configtypes import build
 from gateway.forward.destinations import (
@@ -23,6 +23,7 @@ from gateway.forward.destinations import (
     RoutingSettings,
     check_forwarding,
 )
+from gateway.digitization.settings import DigitizationSettings, RenewalSettings
 from gateway.imports.config import MediaConfig
 from pki.errors import ConfigurationError
 from pki.peer import RevocationSettings
@@ -173,6 +174,14 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     #: Patient-brought media: caps, malware scanner, finalization, staff console (R-PDI).
     media: MediaConfig = field(default_factory=MediaConfig)
+    #: Film/paper digitization: information-creation manager, deadline, quality
+    #: limits (R-DIG-1..5; see gateway.digitization).
+    digitization: DigitizationSettings = field(default_factory=DigitizationSettings)
+    #: Archive-timestamp renewal of signed records (R-SIG-6).
+    renewal: RenewalSettings = field(default_factory=RenewalSettings)
+    #: Signing trust anchors, TSA and per-record-type policy, validated by
+    #: ``signing.cli.SigningSettings.from_config`` when signing is used (R-SIG).
+    signing: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Directory of the configuration file; relative paths were resolved against it.
     base_dir: Path = Path(".")
 

@@ -135,7 +135,10 @@ def pages_to_pdf(
         **info,
     )
     data = buf.getvalue()
-    return data
+    # Pillow writes the free-list head as generation 65536; ISO 32000-1 §7.5.4 says 65535
+    # (strict PDF readers, pyHanko's among them, refuse the file otherwise).  Same length,
+    # so the cross-reference offsets stay right.
+    return data.replace(b"\n0000000000 65536 f", b"\n0000000000 65535 f", 1)
 
 
 def build_document_sc(

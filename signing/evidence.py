@@ -49,7 +49,7 @@ from asn1crypto import x509 as asn1_x509
 
 from pki.errors import TimestampError, VerificationError
 from signing.trust import TrustConfig
-from signing.tsa import TsaClient, verify_token
+from signing.tsa import TimestampToken, TsaClient, verify_token
 from signing.validation_data import (
     ValidationData,
     from_attributes,
@@ -367,6 +367,25 @@ class EvidenceReport:
         }
 
 
+async def _newest_token(
+    token: bytes, root: bytes, current: TrustConfig, captured: TrustConfig, at: datetime
+) -> TimestampToken:
+    """The newest timestamp, judged with current revocation data fetched from the CA.
+
+    If the CA cannot be reached, captured data that is itself still current at
+    ``at`` (a CRL before its nextUpdate, an OCSP response before its
+    nextUpdate) is an equally valid answer: the check is repeated offline.
+    Revocation is still required either way (hard-fail is not weakened).
+    """
+    try:
+        return await verify_token(token, current, imprint=root, at=at)
+    except TimestampError as online:
+        try:
+            return await verify_token(token, captured, imprint=root, at=at)
+        except TimestampError:
+            raise online from None
+
+
 def _in_first_list(leaf: bytes, ats: ArchiveTimeStamp) -> bool:
     tree = ats["reduced_hashtree"]
     if isinstance(tree, core.Void):
@@ -469,14 +488,16 @@ async def verify_evidence(
             times.append(None)
     past = with_validation_data(trust, vd, allow_fetching=False)
     fetch = trust.allow_fetching if fetch_current is None else fetch_current
-    current = with_validation_data(trust, vd, allow_fetching=fetch)
+    current = with_validation_data(trust, vd, allow_fetching=True) if fetch else past
     for i, (step, token, root) in enumerate(steps):
         later = times[i + 1] if i + 1 < len(steps) else None
         step.time = times[i]
         step.judged_at = later or now
         try:
-            checking = past if later is not None else current
-            tok = await verify_token(token, checking, imprint=root, at=step.judged_at)
+            if later is not None or current is past:
+                tok = await verify_token(token, past, imprint=root, at=step.judged_at)
+            else:
+                tok = await _newest_token(token, root, current, past, step.judged_at)
             step.time, step.tsa = tok.gen_time, tok.tsa_subject
             step.tsa_not_after = tok.tsa_certificate.not_valid_after
             step.tsa_key = key_algorithm_name(tok.tsa_certificate)

@@ -390,13 +390,24 @@ async def verify_pdf_long_term(
         report.problems += [f"signature {sig.details.get('field', '')}: {p}" for p in sig.problems]
     reader = PdfFileReader(io.BytesIO(data), strict=False)
     fetch = trust.allow_fetching if fetch_current is None else fetch_current
-    spec = _lta_spec(trust, [], fetch)
+    # With fetching, a CA that cannot be reached is retried from the embedded (DSS)
+    # and configured data alone: still-current revocation data is an equal answer.
+    specs = (
+        [_lta_spec(trust, [], True), _lta_spec(trust, [], False)]
+        if fetch
+        else [_lta_spec(trust, [], False)]
+    )
     timing = ValidationTimingInfo(
         validation_time=now, best_signature_time=now, point_in_time_validation=True
     )
     for emb in reader.embedded_regular_signatures:
-        result = await ades_lta_validation(emb, spec, timing_info=timing)
-        indication = getattr(result.ades_subindic, "name", str(result.ades_subindic))
+        results = []
+        for spec in specs:
+            results.append(await ades_lta_validation(emb, spec, timing_info=timing))
+            if getattr(results[-1].ades_subindic, "name", "") == "OK":
+                break
+        result = results[-1] if len(results) == 1 else results[0]
+        indication = getattr(results[-1].ades_subindic, "name", str(results[-1].ades_subindic))
         if indication != "OK":
             report.problems.append(
                 f"long-term validation of {emb.field_name} at {now:%Y-%m-%d}: {indication}"

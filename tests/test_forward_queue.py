@@ -352,3 +352,25 @@ def test_retention_floor_is_validated() -> None:
     assert d.RetentionSettings().keep_local_days == 0
     with pytest.raises(ValueError):
         d.RetentionSettings(keep_local_days=-1)
+
+
+def test_provider_with_query_permission_is_refused_at_start(
+    tmp_path: Path, pki: devpki.DevPki
+) -> None:
+    """R-EXT-1: the external storage provider may not query or retrieve for any purpose."""
+    from gateway.forward.worker import Forwarder
+    from gateway.instance import partner_from_certificate
+
+    dest = dimse_destination("ext", pki, 11112, extra='partner = "provider"')
+    config = write_config(tmp_path, pki, dest.replace('role = "pacs"',
+                                                      'role = "external-storage"'))
+    gw = open_gateway(config)
+    try:
+        gw.store.add_partner(partner_from_certificate(
+            "provider", pki.cert_path("storage-provider"), ae_titles=("EXTSTORE",),
+            permissions=("query",), role="external-storage"))
+        with pytest.raises(ConfigurationError) as err:
+            Forwarder(gw).prepare()
+        assert "destinations.ext.partner" in err.value.message and "R-EXT-1" in err.value.message
+    finally:
+        gw.close()

@@ -245,7 +245,9 @@ class DigitizationRecords:
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
         with self._write() as conn:
-            conn.execute(f"INSERT INTO film_receipts ({cols}) VALUES ({marks})", list(values.values()))
+            conn.execute(
+                f"INSERT INTO film_receipts ({cols}) VALUES ({marks})", list(values.values())
+            )
         return receipt
 
     _RECEIPT_SELECT = (
@@ -302,7 +304,9 @@ class DigitizationRecords:
 
     def plan(self, plan_id: str) -> Plan:
         with self._conn() as conn:
-            row = conn.execute("SELECT * FROM digitization_plans WHERE id = ?", (plan_id,)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM digitization_plans WHERE id = ?", (plan_id,)
+            ).fetchone()
         if row is None:
             raise NotFoundError(f"no bulk digitization plan {plan_id!r} is recorded (R-DIG-5)")
         return Plan(**dict(row))
@@ -316,7 +320,9 @@ class DigitizationRecords:
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
         with self._write() as conn:
-            conn.execute(f"INSERT INTO digitizations ({cols}) VALUES ({marks})", list(values.values()))
+            conn.execute(
+                f"INSERT INTO digitizations ({cols}) VALUES ({marks})", list(values.values())
+            )
             for item in signed:
                 item = {**item, "digitization_id": d.id}
                 keys = ", ".join(item)

@@ -200,9 +200,12 @@ class Sealer:
         token = bytes(item.CertifiedTimestamp)
         at = datetime.now(UTC)
         vd = await collect_validation_data(
-            trust, at=at, signer=self.signer.certificate, signer_chain=self.signer.chain,
+            trust,
+            at=at,
+            signer=self.signer.certificate,
+            signer_chain=self.signer.chain,
             tokens=[token],
-        )  # fmt: skip
+        )
         er = await create_evidence(data, vd, self.tsa)
         ev = await verify_evidence(er, data, trust)
         if not ev.ok:

@@ -1,7 +1,5 @@
-"""Film intake and digitization as the legal record (R-DIG-1..5).
+"""Digitization of films and paper as the legal record (R-DIG-1, R-DIG-2, R-DIG-4, R-DIG-5).
 
-* :func:`receive_film` records a film receipt with its deadline (R-DIG-3).
-* :func:`record_plan` records a bulk-digitization plan (R-DIG-5).
 * :func:`digitize` runs one digitization: every scan through the JSRT quality
   gate first (R-DIG-2, nothing is signed if one fails), then the Secondary
   Capture (films) or PDF and optional SC/Encapsulated PDF (paper) are built
@@ -12,7 +10,6 @@
   a DICOM Import event (PS3.15 A.5.3.8; IHE IRWF treats hardcopy digitization
   as an import).  Late digitizations carry ``late`` in the record and the
   reason code ``late-digitization`` in the audit trail.
-* :func:`overdue` lists receipts past their deadline and late digitizations.
 """
 
 from __future__ import annotations
@@ -26,10 +23,10 @@ from typing import Any, Literal
 from pydicom.uid import generate_uid
 
 from gateway.audit import events as ev
-from gateway.digitization.deadline import business_deadline, is_late
+from gateway.digitization.deadline import is_late
+from gateway.digitization.intake import records_of
 from gateway.digitization.records import (
     Digitization,
-    DigitizationRecords,
     FilmReceipt,
     Plan,
     new_id,
@@ -45,110 +42,7 @@ from media.secondary_capture import check_sc_iod as iod_problems
 from pki.errors import ConfigurationError, DigitizationError, InvalidInputError, SekishoError
 from signing.signers import PinPrompt, SignerSpec
 
-__all__ = ["DigitizeRequest", "DigitizeResult", "digitize", "overdue", "receive_film"]
-
-
-def records_of(gw: Gateway) -> DigitizationRecords:
-    return DigitizationRecords(gw.settings.store.database)
-
-
-def parse_time(value: str | None, gw: Gateway) -> datetime:
-    """ISO 8601; a time without offset is local time of ``[digitization].timezone``."""
-    if not value:
-        return datetime.now(UTC)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InvalidInputError(f"{value!r} is not an ISO 8601 date-time") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=gw.settings.digitization.zone)
-    return moment
-
-
-async def receive_film(
-    gw: Gateway,
-    *,
-    patient_id: str,
-    source_facility: str,
-    films: int,
-    received_by: str,
-    issuer: str = "",
-    received_at: datetime | None = None,
-    study_uid: str = "",
-    accession: str = "",
-    modality: str = "",
-    patient_name: str = "",
-    birth_date: str = "",
-    sex: str = "",
-    note: str = "",
-) -> FilmReceipt:
-    """Record that films arrived, and when they must be digitized (R-DIG-3)."""
-    if not patient_id.strip() or not source_facility.strip():
-        raise InvalidInputError("a film receipt needs the patient ID and the source facility")
-    if films < 1 or films > 1000:
-        raise InvalidInputError("films must be between 1 and 1000")
-    s = gw.settings.digitization
-    now = datetime.now(UTC)
-    received = received_at or now
-    if received > now:
-        raise InvalidInputError("the receipt time lies in the future")
-    known = await gw.run(gw.store.patient, patient_id, issuer) or {}
-    deadline = business_deadline(received, s.deadline_business_days, s.holiday_dates, s.zone)
-    receipt = FilmReceipt(
-        id=new_id("FR", received),
-        patient_id=patient_id.strip(),
-        issuer=issuer,
-        patient_name=patient_name or known.get("name", ""),
-        birth_date=birth_date or known.get("birth_date", ""),
-        sex=sex or known.get("sex", ""),
-        source_facility=source_facility.strip(),
-        films=films,
-        received_at=utc_iso(received),
-        received_by=received_by,
-        deadline=utc_iso(deadline),
-        study_uid=study_uid or generate_uid(),
-        accession=accession,
-        modality=modality.upper(),
-        note=note,
-        created_at=utc_iso(now),
-    )
-    await gw.run(records_of(gw).add_receipt, receipt)
-    await gw.record(
-        ev.AuditEvent(
-            event_id=ev.PATIENT_RECORD,
-            action=ev.Action.CREATE,
-            outcome=ev.Outcome.SUCCESS,
-            actor=received_by,
-            actor_kind="user",
-            patient_id=receipt.patient_id,
-            patient_issuer=issuer or None,
-            study_uids=(receipt.study_uid,),
-            description=f"film receipt {receipt.id}: {films} film(s) received",
-            extra={"receipt": receipt.id, "source_facility": receipt.source_facility,
-                   "deadline": receipt.deadline},
-        )  # fmt: skip
-    )
-    return receipt
-
-
-async def record_plan(
-    gw: Gateway, plan_id: str, *, description: str, committee_approval: str,
-    external_auditor: str, recorded_by: str,
-) -> Plan:  # fmt: skip
-    """A bulk-digitization plan: committee approval and external auditor (seed 000 §5.2(2))."""
-    plan = Plan(plan_id, description, committee_approval, external_auditor, recorded_by,
-                utc_iso(datetime.now(UTC)))  # fmt: skip
-    await gw.run(records_of(gw).add_plan, plan)
-    await gw.record(
-        ev.AuditEvent(
-            event_id=ev.APPLICATION_ACTIVITY, action=ev.Action.CREATE, outcome=ev.Outcome.SUCCESS,
-            event_type_codes=(ev.SECURITY_CONFIGURATION,), actor=recorded_by, actor_kind="user",
-            description=f"bulk digitization plan {plan_id} recorded",
-            extra={"plan": plan_id, "committee_approval": committee_approval[:200],
-                   "external_auditor": external_auditor[:200]},
-        )  # fmt: skip
-    )
-    return plan
+__all__ = ["DigitizeRequest", "DigitizeResult", "digitize"]
 
 
 @dataclass(frozen=True)
@@ -206,10 +100,14 @@ def _read_scans(gw: Gateway, req: DigitizeRequest) -> list[film.Scan]:
 
 def _patient(receipt: FilmReceipt) -> PatientStudy:
     return PatientStudy(
-        patient_id=receipt.patient_id, study_uid=receipt.study_uid, issuer=receipt.issuer,
-        patient_name=receipt.patient_name, birth_date=receipt.birth_date, sex=receipt.sex,
+        patient_id=receipt.patient_id,
+        study_uid=receipt.study_uid,
+        issuer=receipt.issuer,
+        patient_name=receipt.patient_name,
+        birth_date=receipt.birth_date,
+        sex=receipt.sex,
         accession=receipt.accession,
-    )  # fmt: skip
+    )
 
 
 def _gateway_version() -> str:
@@ -219,7 +117,9 @@ def _gateway_version() -> str:
         return "sekisho"
 
 
-def _contribution(gw: Gateway, req: DigitizeRequest, info: film.ScanInfo, note: str) -> Contribution:
+def _contribution(
+    gw: Gateway, req: DigitizeRequest, info: film.ScanInfo, note: str
+) -> Contribution:
     s = gw.settings
     d = s.digitization.digitizer
     manufacturer = info.manufacturer or d.manufacturer
@@ -229,26 +129,38 @@ def _contribution(gw: Gateway, req: DigitizeRequest, info: film.ScanInfo, note: 
             " --manufacturer (Contributing Equipment, PS3.3 C.12.1; R-DIG-1)"
         )
     return Contribution(
-        operator_id=req.operator_id, operator_name=req.operator_name or req.operator_id,
-        manufacturer=manufacturer, model=info.model or d.model,
+        operator_id=req.operator_id,
+        operator_name=req.operator_name or req.operator_id,
+        manufacturer=manufacturer,
+        model=info.model or d.model,
         serial_number=info.serial_number or d.serial_number,
         software_versions=info.software_versions or d.software_versions,
-        institution=s.instance.institution, station=s.instance.station,
+        institution=s.instance.institution,
+        station=s.instance.station,
         manager=s.digitization.information_manager,
-        purpose=FILMD if req.kind == "film" else DOCD, note=note,
-        operator_scheme=s.digitization.operator_coding_scheme, gateway_version=_gateway_version(),
-    )  # fmt: skip
+        purpose=FILMD if req.kind == "film" else DOCD,
+        note=note,
+        operator_scheme=s.digitization.operator_coding_scheme,
+        gateway_version=_gateway_version(),
+    )
 
 
-async def _refused(gw: Gateway, req: DigitizeRequest, receipt: FilmReceipt | None, exc: SekishoError) -> None:  # noqa: E501
+async def _refused(
+    gw: Gateway, req: DigitizeRequest, receipt: FilmReceipt | None, exc: SekishoError
+) -> None:  # noqa: E501
     await gw.record(
         ev.import_event(
-            actor=req.operator_id, patient_id=receipt.patient_id if receipt else "unknown",
-            patient_issuer=(receipt.issuer or None) if receipt else None, study_uids=(),
-            instance_count=0, outcome=exc.audit_outcome, media_type=req.kind.upper(),
-            reason_code=exc.code.lower(), description=f"{req.kind} digitization refused",
+            actor=req.operator_id,
+            patient_id=receipt.patient_id if receipt else "unknown",
+            patient_issuer=(receipt.issuer or None) if receipt else None,
+            study_uids=(),
+            instance_count=0,
+            outcome=exc.audit_outcome,
+            media_type=req.kind.upper(),
+            reason_code=exc.code.lower(),
+            description=f"{req.kind} digitization refused",
             extra={"receipt": req.receipt_id, "detail": (exc.detail or exc.message)[:300]},
-        )  # fmt: skip
+        )
     )
 
 
@@ -270,9 +182,12 @@ async def digitize(
 
 
 async def _digitize(
-    gw: Gateway, req: DigitizeRequest, receipt: FilmReceipt, now: datetime,
+    gw: Gateway,
+    req: DigitizeRequest,
+    receipt: FilmReceipt,
+    now: datetime,
     pin_prompt: PinPrompt | None,
-) -> DigitizeResult:  # fmt: skip
+) -> DigitizeResult:
     s = gw.settings.digitization
     if not s.information_manager:
         raise ConfigurationError(
@@ -293,37 +208,59 @@ async def _digitize(
     digitization_id = new_id("DG", now)
     note = f"bulk digitization under plan {plan.id}" if plan else ""
     series = SeriesInfo(
-        generate_uid(), s.series_number, 1,
+        generate_uid(),
+        s.series_number,
+        1,
         "Digitized film" if req.kind == "film" else "Scanned document",
         modality=(receipt.modality or "OT") if req.kind == "film" else "DOC",
-    )  # fmt: skip
+    )
     patient = _patient(receipt)
     record_type = s.film_record_type if req.kind == "film" else s.paper_record_type
     signing = load_signing(gw.settings)
     sealed: list[Sealed] = []
     details: dict[str, Any] = {"files": [p.name for p in req.files]}
     async with Sealer(
-        gw, signing, record_type, req.signer, pin_prompt=pin_prompt,
+        gw,
+        signing,
+        record_type,
+        req.signer,
+        pin_prompt=pin_prompt,
         renewal=renewal_policy(gw.settings),
-    ) as sealer:  # fmt: skip
+    ) as sealer:
         if req.kind == "film":
             scans = await gw.run(_read_scans, gw, req)
-            mammo = req.mammography or receipt.modality == "MG" or any(
-                sc.info.modality.upper() == "MG" for sc in scans
+            mammo = (
+                req.mammography
+                or receipt.modality == "MG"
+                or any(sc.info.modality.upper() == "MG" for sc in scans)
             )
             limits, label = (s.mammography, "mammography") if mammo else (s.limits, "JSRT")
             for scan in scans:  # the whole set passes the gate before anything is signed
                 film.enforce_quality(scan, limits, label=label)
-            details["quality"] = {"limits": label, "scans": [
-                {"file": sc.source_name, "pitch_um": sc.info.pitch_um, "bits": sc.bits_stored,
-                 "effective_bits": sc.stats.effective_bits,
-                 "density": [sc.info.density_min, sc.info.density_max]} for sc in scans]}  # fmt: skip
+            details["quality"] = {
+                "limits": label,
+                "scans": [
+                    {
+                        "file": sc.source_name,
+                        "pitch_um": sc.info.pitch_um,
+                        "bits": sc.bits_stored,
+                        "effective_bits": sc.stats.effective_bits,
+                        "density": [sc.info.density_min, sc.info.density_max],
+                    }
+                    for sc in scans
+                ],
+            }
             for number, scan in enumerate(scans, start=1):
                 contribution = _contribution(gw, req, scan.info, note)
                 ds = film.build_film_sc(
-                    scan, patient, replace(series, instance_number=number), contribution,
-                    sop_instance_uid=generate_uid(), now=now.astimezone(s.zone), prefer=s.sop_class,
-                )  # fmt: skip
+                    scan,
+                    patient,
+                    replace(series, instance_number=number),
+                    contribution,
+                    sop_instance_uid=generate_uid(),
+                    now=now.astimezone(s.zone),
+                    prefer=s.sop_class,
+                )
                 _check_iod(ds)
                 sealed.append(await sealer.seal_dicom(ds))
         else:
@@ -337,20 +274,41 @@ async def _digitize(
             if req.paper_sc:
                 for number, page in enumerate(pages, start=1):
                     ds = paper.build_document_sc(
-                        page, patient, replace(series, instance_number=number), contribution,
-                        sop_instance_uid=generate_uid(), now=local,
-                    )  # fmt: skip
+                        page,
+                        patient,
+                        replace(series, instance_number=number),
+                        contribution,
+                        sop_instance_uid=generate_uid(),
+                        now=local,
+                    )
                     _check_iod(ds)
                     sealed.append(await sealer.seal_dicom(ds))
             if req.encapsulate:
                 pdf_bytes = await gw.run(signed_pdf.staged.path.read_bytes)
                 ds = paper.build_encapsulated_pdf(
-                    pdf_bytes, patient, replace(series, instance_number=len(pages) + 1),
-                    contribution, sop_instance_uid=generate_uid(), title=title, now=local,
-                )  # fmt: skip
+                    pdf_bytes,
+                    patient,
+                    replace(series, instance_number=len(pages) + 1),
+                    contribution,
+                    sop_instance_uid=generate_uid(),
+                    title=title,
+                    now=local,
+                )
                 sealed.append(await sealer.seal_dicom(ds))
-        result = await _commit(gw, req, receipt, sealed, record_type, digitization_id,
-                               now, late, plan, series.series_uid, details, sealer)  # fmt: skip
+        result = await _commit(
+            gw,
+            req,
+            receipt,
+            sealed,
+            record_type,
+            digitization_id,
+            now,
+            late,
+            plan,
+            series.series_uid,
+            details,
+            sealer,
+        )
         sealer.staged.clear()  # committed: nothing left to discard
     return result
 
@@ -358,14 +316,25 @@ async def _digitize(
 def _check_iod(ds: Any) -> None:
     problems = iod_problems(ds)
     if problems:
-        raise DigitizationError("the Secondary Capture object is not conformant: " + "; ".join(problems))
+        raise DigitizationError(
+            "the Secondary Capture object is not conformant: " + "; ".join(problems)
+        )
 
 
 async def _commit(
-    gw: Gateway, req: DigitizeRequest, receipt: FilmReceipt, sealed: list[Sealed],
-    record_type: str, digitization_id: str, now: datetime, late: bool, plan: Plan | None,
-    series_uid: str, details: dict[str, Any], sealer: Sealer,
-) -> DigitizeResult:  # fmt: skip
+    gw: Gateway,
+    req: DigitizeRequest,
+    receipt: FilmReceipt,
+    sealed: list[Sealed],
+    record_type: str,
+    digitization_id: str,
+    now: datetime,
+    late: bool,
+    plan: Plan | None,
+    series_uid: str,
+    details: dict[str, Any],
+    sealer: Sealer,
+) -> DigitizeResult:
     for item in sealed:
         await gw.run(gw.files.commit, item.staged)
         if item.evidence is not None:
@@ -377,78 +346,101 @@ async def _commit(
             raise DigitizationError(f"the archive did not accept every object: {results}")
     first = next((i for i in sealed if i.timestamp_time), None)
     record = Digitization(
-        id=digitization_id, receipt_id=receipt.id, kind=req.kind, record_type=record_type,
-        operator_id=req.operator_id, operator_name=req.operator_name,
+        id=digitization_id,
+        receipt_id=receipt.id,
+        kind=req.kind,
+        record_type=record_type,
+        operator_id=req.operator_id,
+        operator_name=req.operator_name,
         information_manager=gw.settings.digitization.information_manager,
-        digitized_at=utc_iso(now), deadline=receipt.deadline, late=late,
-        bulk_plan=plan.id if plan else None, patient_consent=req.patient_consent,
-        images=len(indexed) if req.kind == "film" else 0, series_uid=series_uid,
-        signer=sealer.subject, hc_role=sealer.role or "",
-        timestamp_time=first.timestamp_time if first else "", tsa=first.tsa if first else "",
+        digitized_at=utc_iso(now),
+        deadline=receipt.deadline,
+        late=late,
+        bulk_plan=plan.id if plan else None,
+        patient_consent=req.patient_consent,
+        images=len(indexed) if req.kind == "film" else 0,
+        series_uid=series_uid,
+        signer=sealer.subject,
+        hc_role=sealer.role or "",
+        timestamp_time=first.timestamp_time if first else "",
+        tsa=first.tsa if first else "",
         details=details,
-    )  # fmt: skip
+    )
     signed = [
-        {"kind": i.kind, "record_type": record_type,
-         "sop_uid": i.index.sop_instance_uid if i.index else "", "sha256": i.staged.sha256,
-         "evidence_sha256": i.evidence.sha256 if i.evidence else "",
-         "patient_id": receipt.patient_id, "issuer": receipt.issuer, "study_uid": receipt.study_uid,
-         "protected_until": i.protected_until, "protection_reason": i.protection_reason,
-         "created_at": utc_iso(datetime.now(UTC))}
+        {
+            "kind": i.kind,
+            "record_type": record_type,
+            "sop_uid": i.index.sop_instance_uid if i.index else "",
+            "sha256": i.staged.sha256,
+            "evidence_sha256": i.evidence.sha256 if i.evidence else "",
+            "patient_id": receipt.patient_id,
+            "issuer": receipt.issuer,
+            "study_uid": receipt.study_uid,
+            "protected_until": i.protected_until,
+            "protection_reason": i.protection_reason,
+            "created_at": utc_iso(datetime.now(UTC)),
+        }
         for i in sealed
-    ]  # fmt: skip
+    ]
     await gw.run(records_of(gw).add_digitization, record, signed)
     await _audit_success(gw, record, receipt, len(indexed), plan, sealer)
     return DigitizeResult(record, signed, sealer.skew_alerts())
 
 
 async def _audit_success(
-    gw: Gateway, record: Digitization, receipt: FilmReceipt, count: int, plan: Plan | None,
+    gw: Gateway,
+    record: Digitization,
+    receipt: FilmReceipt,
+    count: int,
+    plan: Plan | None,
     sealer: Sealer,
-) -> None:  # fmt: skip
+) -> None:
     extra = {
-        "digitization": record.id, "receipt": receipt.id, "record_type": record.record_type,
-        "information_manager": record.information_manager, "deadline": record.deadline,
-        "late": "yes" if record.late else "no", "signer": record.signer[:200],
+        "digitization": record.id,
+        "receipt": receipt.id,
+        "record_type": record.record_type,
+        "information_manager": record.information_manager,
+        "deadline": record.deadline,
+        "late": "yes" if record.late else "no",
+        "signer": record.signer[:200],
         "timestamp": record.timestamp_time,
-    }  # fmt: skip
+    }
     if plan is not None:
         extra.update(bulk_plan=plan.id, patient_consent=record.patient_consent[:200])
     await gw.record(
         ev.import_event(
-            actor=record.operator_id, patient_id=receipt.patient_id,
-            patient_issuer=receipt.issuer or None, study_uids=(receipt.study_uid,),
-            instance_count=count, media_type=record.kind.upper(),
+            actor=record.operator_id,
+            patient_id=receipt.patient_id,
+            patient_issuer=receipt.issuer or None,
+            study_uids=(receipt.study_uid,),
+            instance_count=count,
+            media_type=record.kind.upper(),
             source_facility=receipt.source_facility,
             reason_code="late-digitization" if record.late else None,
             description=f"{record.kind} digitized, signed and stored"
             + (" after the deadline" if record.late else ""),
             extra=extra,
-        )  # fmt: skip
+        )
     )
     if plan is not None:  # stricter audit of bulk digitization (seed 000 §5.2(2))
         await gw.record(
             ev.security_alert(
-                "bulk-digitization", f"bulk digitization {record.id} under plan {plan.id}",
-                actor=record.operator_id, actor_kind="user",
-                event_type=ev.USE_OF_RESTRICTED_FUNCTION, outcome=ev.Outcome.SUCCESS,
+                "bulk-digitization",
+                f"bulk digitization {record.id} under plan {plan.id}",
+                actor=record.operator_id,
+                actor_kind="user",
+                event_type=ev.USE_OF_RESTRICTED_FUNCTION,
+                outcome=ev.Outcome.SUCCESS,
                 extra={"plan": plan.id, "digitization": record.id},
-            )  # fmt: skip
+            )
         )
     for alert in sealer.skew_alerts():  # R-AUD-5
         await gw.record(
             ev.security_alert(
-                "clock-skew", f"local clock differs from TSA time by {alert['skew_seconds']:.1f} s",
-                actor="sekisho", actor_kind="system", extra={"tsa": alert["tsa"][:200]},
-            )  # fmt: skip
+                "clock-skew",
+                f"local clock differs from TSA time by {alert['skew_seconds']:.1f} s",
+                actor="sekisho",
+                actor_kind="system",
+                extra={"tsa": alert["tsa"][:200]},
+            )
         )
-
-
-def overdue(gw: Gateway, now: datetime | None = None) -> dict[str, Any]:
-    """Receipts not digitized by their deadline, and late digitizations (R-DIG-3)."""
-    records = records_of(gw)
-    moment = now or datetime.now(UTC)
-    return {
-        "checked_at": utc_iso(moment),
-        "overdue_receipts": [r.to_dict() for r in records.open_receipts_past_deadline(moment)],
-        "late_digitizations": [d.to_dict() for d in records.digitizations(late_only=True)],
-    }

@@ -33,7 +33,7 @@ FORWARD_STOPPED = ev.Code("SKS-FWD-STOP", "99SEKISHO", "Store-and-forward job st
 
 def destination_extra(gw: Gateway, name: str) -> dict[str, str]:
     """Who the receiver is: name, role, transport, AE title and address."""
-    dest: DestinationSettings | None = gw.settings.destinations.get(name)  # type: ignore[attr-defined]
+    dest: DestinationSettings | None = gw.settings.destinations.get(name)
     out = {"destination_name": name, "calling_ae": _calling_ae(gw, dest)}
     if dest is not None:
         out.update(

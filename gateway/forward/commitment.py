@@ -139,7 +139,7 @@ def apply_report(gw: Gateway, report: CommitmentReport, remote_ae: str) -> Commi
     """Check who reports, apply the result to the queue, audit failures (synchronous)."""
     queue = open_queue(gw.settings.store.database)
     name = queue.transaction_destination(report.transaction_uid)
-    dest = gw.settings.destinations.get(name)  # type: ignore[attr-defined]
+    dest = gw.settings.destinations.get(name)
     expected = (dest.commitment_ae or dest.called_ae) if dest is not None else None
     if expected is None or remote_ae.strip() != expected:
         raise AuthorizationError(

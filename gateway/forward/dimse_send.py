@@ -18,9 +18,12 @@ a timeout: connect and TLS handshake (``connect_timeout_seconds``), association
 (``association_timeout_seconds``), each DIMSE response
 (``response_timeout_seconds``) and idle network (``idle_timeout_seconds``).
 
-pynetdicom is configured once, process-wide, to send files in chunks without
-decoding them (``STORE_SEND_CHUNKED_DATASET``): memory stays flat and the bytes
-on the wire are the stored bytes.
+An instance in its own syntax goes through pynetdicom's file-backed DIMSE
+encoder (the request's ``_dataset_path``): the bytes after the stored file's
+meta group are streamed in PDU-sized fragments, never decoded, so memory stays
+flat and the bytes on the wire are the stored bytes.  This is what
+``send_c_store`` does with ``_config.STORE_SEND_CHUNKED_DATASET``; doing it here
+avoids flipping that process-wide switch under other pynetdicom users.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import UID, generate_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _handlers, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from gateway.forward import commitment
@@ -50,9 +55,6 @@ from gateway.forward.destinations import (
 from gateway.forward.integrity import InstanceDigest, digest_file, sha256_bytes
 
 log = logging.getLogger("sekisho.forward")
-
-# Send stored files as they are, in PDU-sized chunks (see module docstring).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 #: C-STORE warning statuses: stored, possibly with coercion (PS3.4 B.2.3).
 WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
@@ -74,8 +76,37 @@ def _loop_delay(assoc: Any, seconds: float) -> None:
         dul._run_loop_delay = seconds
 
 
+def _tune(assoc: Any) -> None:
+    """Make an established association fit for bulk sending.
+
+    * ``TCP_NODELAY``: pynetdicom leaves Nagle's algorithm on, so the short last
+      P-DATA PDU of each dataset waits for the peer's delayed ACK (most of the
+      time per instance on loopback);
+    * pynetdicom's per-PDU debug-logging handlers are unbound (the gateway logs
+      no DIMSE content anyway, STYLE lesson 12).
+    """
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+    for event, handler in (
+        (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
+        (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+        (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
+        (evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
+    ):
+        try:
+            assoc.unbind(event, handler)
+        except (KeyError, ValueError):
+            pass
+
+
 class SendCallbacks(Protocol):
     def sent(self, result: SentInstance) -> None: ...
+
+    def flush(self) -> None: ...
 
     def begin_commitment(self, transaction_uid: str, job_ids: Sequence[int]) -> None: ...
 
@@ -151,7 +182,7 @@ def _store_one(assoc: Any, item: SendItem, ts: str, msg_id: int) -> tuple[Any, s
             "the local copy no longer matches the SHA-256 recorded on receipt; not sent"
         )
     if ts == item.transfer_syntax:
-        status = assoc.send_c_store(item.path, msg_id=msg_id)
+        status = _send_stored(assoc, item, ts, msg_id, digest.dataset_offset)
         return status, digest.dataset_sha256, digest
     # Explicit <-> Implicit VR Little Endian only (lossless; see destinations.proposed_syntaxes).
     ds = dcmread(item.path)
@@ -161,6 +192,32 @@ def _store_one(assoc: Any, item: SendItem, ts: str, msg_id: int) -> tuple[Any, s
         raise _LocalCorruption("the instance could not be re-encoded in " + target.name)
     status = assoc.send_c_store(ds, msg_id=msg_id)
     return status, sha256_bytes(data), digest
+
+
+def _send_stored(assoc: Any, item: SendItem, ts: str, msg_id: int, offset: int) -> Any:
+    """C-STORE the stored dataset bytes unchanged (PS3.7 9.1.1); returns the status dataset."""
+    context = assoc._get_valid_context(  # noqa: SLF001 - pynetdicom's role-aware lookup
+        item.sop_class_uid, ts, "scu", allow_conversion=False
+    )
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = item.sop_class_uid
+    req.AffectedSOPInstanceUID = item.sop_uid
+    req.Priority = 0x0002  # low, as pynetdicom's default
+    req._dataset_path = (item.path, offset)  # noqa: SLF001 - file-backed encoder
+    # Pause the requestor's reactor while we wait for the response, as send_c_store does.
+    assoc._reactor_checkpoint.clear()  # noqa: SLF001
+    while not assoc._is_paused:  # noqa: SLF001
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, context.context_id)
+        _cx, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()  # noqa: SLF001
+    if rsp is None:
+        assoc._handle_no_response()  # noqa: SLF001
+        return None
+    return assoc._check_received_status(rsp)  # noqa: SLF001
 
 
 class _LocalCorruption(Exception):
@@ -226,13 +283,17 @@ def send_batch(
                     "destination does not accept the Storage Commitment Push Model SOP Class "
                     "(configured storage_commitment = true)", True)
             return result
+        _tune(assoc)
         _loop_delay(assoc, _BUSY_LOOP_DELAY)
         _send_all(assoc, chosen, callbacks, stop, result)
         if dest.storage_commitment and result.sent:
             _request_commitment(assoc, dest, chosen, callbacks, stop, result)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        try:
+            callbacks.flush()
+        finally:
+            if assoc.is_established:
+                assoc.release()
     return result
 
 

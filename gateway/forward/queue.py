@@ -261,16 +261,31 @@ class ForwardQueue:
         meta: bytes | None,
     ) -> bool:
         """The peer confirmed this instance (never called before that)."""
+        return bool(self.mark_sent_many([
+            (job_id, confirmed, sent_syntax, dataset_sha256, dataset_offset, meta)
+        ]))
+
+    def mark_sent_many(
+        self, rows: Sequence[tuple[int, str, str, str, int, bytes | None]]
+    ) -> int:
+        """Several confirmations in one transaction: (job id, confirmed, sent syntax,
+        dataset SHA-256, dataset offset, file meta bytes).  Returns how many applied."""
+        if not rows:
+            return 0
+        stamp = utcnow()
+        n = 0
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE forward_jobs SET state = 'sent', sent_at = ?, sent_syntax = ?,"
-                " confirmed = ?, dataset_sha256 = ?, dataset_offset = ?, meta = ?,"
-                " last_error = '', audited = 0, commitment_uid = NULL, commitment_deadline = NULL,"
-                " updated_at = ? WHERE id = ? AND state = 'sending'",
-                (utcnow(), sent_syntax, confirmed, dataset_sha256, dataset_offset, meta,
-                 utcnow(), job_id),
-            )
-            return cur.rowcount > 0
+            for job_id, confirmed, syntax, sha, offset, meta in rows:
+                cur = conn.execute(
+                    "UPDATE forward_jobs SET state = 'sent', sent_at = ?, sent_syntax = ?,"
+                    " confirmed = ?, dataset_sha256 = ?, dataset_offset = ?, meta = ?,"
+                    " last_error = '', audited = 0, commitment_uid = NULL,"
+                    " commitment_deadline = NULL, updated_at = ?"
+                    " WHERE id = ? AND state = 'sending'",
+                    (stamp, syntax, confirmed, sha, offset, meta, stamp, job_id),
+                )
+                n += cur.rowcount
+        return n
 
     def mark_failure(
         self, job_id: int, error: str, retry: RetrySettings, *, permanent: bool = False,

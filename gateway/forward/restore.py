@@ -131,7 +131,7 @@ def verify_and_record(
     by: str, restore_id: str,
 ) -> RestoreReport:
     """Compare, write back, quarantine and record (synchronous; runs in a worker thread)."""
-    dest = gw.settings.destinations.get(name)  # type: ignore[attr-defined]
+    dest = gw.settings.destinations.get(name)
     address = dest.address() if dest is not None else ""
     report = RestoreReport(restore_id, study_uid, name)
     by_uid: dict[str, Retrieved] = {}
@@ -225,7 +225,7 @@ def _audit(
 
 async def restore_study(gw: Gateway, name: str, study_uid: str, by: str) -> RestoreReport:
     """Retrieve, verify, record and audit one study from destination ``name``."""
-    dests = gw.settings.destinations  # type: ignore[attr-defined]
+    dests = gw.settings.destinations
     if name not in dests:
         raise NotFoundError(f"no destination named {name!r} is configured")
     dest = dests[name]

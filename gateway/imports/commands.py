@@ -184,7 +184,7 @@ def cmd_imports(args: argparse.Namespace) -> int:
         if args.id is not None:
             rows = [records.get(args.id)]
         else:
-            rows = records.list(status=args.status, patient_id=args.patient_id, limit=args.limit)
+            rows = records.query(status=args.status, patient_id=args.patient_id, limit=args.limit)
         if args.id is not None and args.json:
             out = rows[0].to_dict() | {"instances": records.instances(args.id)}
             print(json.dumps(out, indent=2, ensure_ascii=False))

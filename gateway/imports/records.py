@@ -24,7 +24,7 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -287,19 +287,47 @@ class ImportRecords:
             )  # fmt: skip
             return int(cur.lastrowid or 0)
 
-    def add_instance(self, import_id: int, meta: InstanceMeta, stored_sha256: str) -> None:
-        """Attribute one stored instance to the import (written as each one is stored)."""
+    def add_instances(self, import_id: int, items: Sequence[tuple[InstanceMeta, str]]) -> None:
+        """Attribute stored instances ``(meta, stored SHA-256)`` to the import, in one commit."""
+        if not items:
+            return
+        stamp = utc_iso()
         with self._write() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT OR IGNORE INTO media_import_instances (import_id, sop_uid, study_uid,"
                 " series_uid, source_path, source_sha256, stored_sha256, stored_at)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    import_id, meta.sop_instance_uid, meta.study_instance_uid,
-                    meta.series_instance_uid, meta.source_path, meta.source_sha256,
-                    stored_sha256, utc_iso(),
-                ),
+                [
+                    (
+                        import_id, meta.sop_instance_uid, meta.study_instance_uid,
+                        meta.series_instance_uid, meta.source_path, meta.source_sha256,
+                        stored, stamp,
+                    )
+                    for meta, stored in items
+                ],
             )  # fmt: skip
+
+    def placement_of(self, study_uid: str, series_uid: str) -> tuple[str, str, str] | None:
+        """Where the store files a series (else a study): ``(study UID, patient ID, issuer)``.
+
+        Reads the store's own tables in the same database, so that the sink can
+        refuse a misplaced instance before writing it (the store would refuse it
+        at commit, R-XCH-5).
+        """
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT s.study_uid, p.patient_id, p.issuer FROM series r"
+                " JOIN studies s ON s.study_uid = r.study_uid"
+                " JOIN patients p ON p.pk = s.patient_pk WHERE r.series_uid = ?",
+                (series_uid,),
+            ).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "SELECT s.study_uid, p.patient_id, p.issuer FROM studies s"
+                    " JOIN patients p ON p.pk = s.patient_pk WHERE s.study_uid = ?",
+                    (study_uid,),
+                ).fetchone()
+        return (row[0], row[1], row[2]) if row is not None else None
 
     def save(
         self,
@@ -403,7 +431,7 @@ class ImportRecords:
             raise NotFoundError(f"there is no import record #{import_id}")
         return _record(row)
 
-    def list(
+    def query(
         self,
         *,
         status: str | None = None,

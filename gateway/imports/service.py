@@ -28,12 +28,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.imports.auditing import import_audit_event, malware_alert, pacs_transfer_event
+from gateway.imports.auditing import import_audit_event, malware_alert
+from gateway.imports.delivery import queue_for_pacs
 from gateway.imports.finalization import due_at, zone_of
 from gateway.imports.records import ImportRecord, ImportRecords, RecordHeader, canonical_sha256
 from gateway.imports.scanning import RestScan, files_to_prescan, scan_rest
 from gateway.imports.sink import GatewaySink
-from media.import_result import ImportResult, SkipReason
+from media.import_result import ImportResult, SkippedFile, SkipReason
 from media.importer import run_import
 from media.inspect import inspect_media
 from media.reconcile import (
@@ -293,7 +294,7 @@ def run_media_import(
             gw, records, header, import_id, source, plan, target, settings, sink, request,
             when, progress, base,
         )  # fmt: skip
-    return _finish(gw, records, header, import_id, report, plan, rest, result, when, base)
+    return _finish(gw, records, header, import_id, rest, result, when, base)
 
 
 def _scan_and_import(
@@ -336,12 +337,16 @@ def _scan_and_import(
             error.detections = list(rest.detections)  # type: ignore[attr-defined]
             raise error
         offset = len(others)
-        result = run_import(
-            source, plan, target, request.importer, settings.station, settings, scanner, sink,
-            now=when, accession_number=request.accession_number,
-            confirm_mismatch=request.confirm_mismatch,
-            progress=(lambda d, t: progress(offset + d, offset + t)) if progress else None,
-        )  # fmt: skip
+        try:
+            result = run_import(
+                source, plan, target, request.importer, settings.station, settings, scanner,
+                sink, now=when, accession_number=request.accession_number,
+                confirm_mismatch=request.confirm_mismatch,
+                progress=(lambda d, t: progress(offset + d, offset + t)) if progress else None,
+            )  # fmt: skip
+        finally:
+            sink.flush()  # every stored file is indexed and attributed, also after a failure
+        _fold_late_conflicts(result, sink)
     except MalwareDetectedError as exc:
         detections = list(getattr(exc, "detections", []))
         details = {**base, "scanner": _scanner_info(gw, rest, None, detections)}
@@ -376,6 +381,24 @@ def _scan_and_import(
     return rest, result
 
 
+def _fold_late_conflicts(result: ImportResult, sink: GatewaySink) -> None:
+    """Instances the store refused at commit time are reported as skipped, not imported."""
+    refused = set(sink.late_conflicts)
+    if not refused:
+        return
+    for item in [i for i in result.imported if i.sop_instance_uid in refused]:
+        result.imported.remove(item)
+        result.skipped.append(
+            SkippedFile(
+                item.path,
+                item.sop_instance_uid,
+                SkipReason.UID_CONFLICT,
+                "the store refused this instance when it was committed (stored meanwhile "
+                "by another path with other content, or under another patient)",
+            )
+        )
+
+
 def _scanner_info(
     gw: Gateway,
     rest: RestScan,
@@ -386,7 +409,11 @@ def _scanner_info(
     scans = result.scans if result is not None else []
     return {
         "kind": cfg.kind,
-        "engine": result.scanner_engine if result is not None else cfg.build().engine,
+        "engine": (
+            result.scanner_engine
+            if result is not None
+            else str(getattr(cfg.build(), "engine", cfg.kind))
+        ),
         "required": cfg.required,
         "scope": cfg.scope,
         "other_files": rest.to_dict(),
@@ -402,14 +429,11 @@ def _finish(
     records: ImportRecords,
     header: RecordHeader,
     import_id: int,
-    report: MediaReport,
-    plan: ImportPlan,
     rest: RestScan,
     result: ImportResult,
     when: datetime,
     base: dict[str, Any],
 ) -> ImportOutcome:
-    del report, plan  # their parts are in ``base``
     details = {
         **base,
         "media_sha256": dict(result.media_sha256),
@@ -492,43 +516,3 @@ def _finish(
         outcome.queue_error = exc.message
         log.warning("media import #%d: queueing for the PACS failed (%s)", import_id, exc.code)
     return outcome
-
-
-def queue_for_pacs(
-    gw: Gateway, header: RecordHeader, import_id: int, result: ImportResult
-) -> dict[str, int]:
-    """Queue the imported instances for every enabled ``pacs`` destination (R-PDI-7).
-
-    Uses the durable forwarding queue (:mod:`gateway.forward.queue`): the
-    workers of ``sekisho serve`` (or ``sekisho queue work``) deliver them by
-    C-STORE or STOW-RS over TLS, with retries.  Duplicates with
-    ``[routing] on_receive`` are harmless (one job per instance and destination).
-    """
-    pacs = [n for n, d in gw.settings.destinations.items() if d.role == "pacs" and d.enabled]
-    if not pacs or not result.imported:
-        return {}
-    from gateway.forward.auditing import destination_extra
-    from gateway.forward.queue import JobSource, open_queue
-
-    sources = []
-    for item in result.imported:
-        stored = gw.store.find_instance(item.sop_instance_uid)
-        if stored is not None:
-            sources.append(
-                JobSource(stored.sop_instance_uid, stored.study_uid, stored.sop_class_uid,
-                          stored.transfer_syntax, stored.sha256, stored.size)
-            )  # fmt: skip
-    queue = open_queue(gw.settings.store.database)
-    queued: dict[str, int] = {}
-    for name in pacs:
-        got = queue.enqueue(
-            sources, name, created_by=f"media-import:{import_id}", reason="media import (R-PDI-7)"
-        )
-        queued[name] = got.new + got.requeued
-        gw.audit.record(
-            pacs_transfer_event(
-                header, import_id, name, (s.study_uid for s in sources), len(sources),
-                destination_extra(gw, name),
-            )
-        )  # fmt: skip
-    return queued

@@ -1,10 +1,11 @@
 """The gateway store as the importer's :class:`media.import_result.InstanceSink` (R-PDI-7).
 
-``store`` files a reconciled instance exactly as the other ingest paths do
-(STOW-RS, C-STORE): the file is checked as Part 10 and indexed
-(:func:`gateway.store.index.index_instance`), its SHA-256 is verified, it is
-fsynced and renamed to its content address, and the metadata is committed in
-one durable transaction; then the instance is attributed to the import record.
+``store`` files a reconciled instance as the other ingest paths do (STOW-RS,
+C-STORE): the file is checked as Part 10 and indexed
+(:func:`gateway.store.index.index_instance`), fsynced and renamed to its content
+address (its SHA-256 is the one the importer computed from the closed file in
+this process), and its metadata is committed durably -- in batches, together
+with its attribution to the import record -- before the import is saved.
 The importer writes its temporary files into the store's own ``tmp`` folder
 (same file system, swept at start), so an instance is moved, never copied, and
 nothing from a medium is written anywhere else.
@@ -19,14 +20,13 @@ which the importer reports for that instance and goes on.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.imports.records import ImportRecords
 from gateway.store.files import StagedFile
-from gateway.store.index import index_instance
+from gateway.store.index import InstanceIndex, index_instance
 from gateway.store.model import AddResult
 from media.import_result import InstanceMeta
 from pki.errors import ConflictError, InvalidInputError, StoreError
@@ -38,15 +38,33 @@ CHUNK = 1024 * 1024
 
 
 class GatewaySink:
-    """Stores imported instances for one import record."""
+    """Stores imported instances for one import record.
 
-    def __init__(self, gw: Gateway, records: ImportRecords, import_id: int) -> None:
+    Files are made durable and moved to their content address one by one; the
+    metadata rows (instances index and import attribution) are committed in
+    batches of ``batch_size`` -- one durable transaction each instead of two
+    per instance -- and by :meth:`flush`, which the caller must call at the
+    end (also after a failure).  Placement conflicts are checked per instance
+    before anything is written, so the importer still reports them per file;
+    one that appears only at commit (another writer raced us) is kept in
+    :attr:`late_conflicts` for the caller to report.
+    """
+
+    def __init__(
+        self, gw: Gateway, records: ImportRecords, import_id: int, *, batch_size: int = 64
+    ) -> None:
         self.gw = gw
         self.records = records
         self.import_id = import_id
+        self.batch_size = batch_size
         self.source = f"media-import:{import_id}"
         #: SOP Instance UID -> medium SHA-256, for instances stored by this run.
         self._this_run: dict[str, str] = {}
+        self._pending: list[tuple[InstanceIndex, InstanceMeta, StagedFile]] = []
+        #: (study, series) placements accepted in this run, and their patient.
+        self._placed: dict[tuple[str, str], tuple[str, str]] = {}
+        #: SOP Instance UIDs the store refused at commit time.
+        self.late_conflicts: list[str] = []
 
     @property
     def stored_count(self) -> int:
@@ -70,22 +88,55 @@ class GatewaySink:
             raise InvalidInputError("the reconciled file names another SOP Instance UID")
         if (idx.patient_id, idx.issuer) != (meta.patient_id, meta.issuer_of_patient_id):
             raise InvalidInputError("the reconciled file does not carry the local patient ID")
+        self._check_placement(idx)
         staged = self._stage(path, meta)
         self.gw.files.commit(staged)
-        outcome = self.gw.store.add_instances([(idx, staged.sha256, staged.size)], self.source)
-        if outcome[0] == AddResult.CONFLICT:
-            # The content-addressed file stays as an unreferenced object (harmless).
-            raise ConflictError(
-                "the store refused this instance: the same SOP Instance UID with other content, "
-                "or a study or series that belongs to another patient, is already stored"
-            )
-        self.records.add_instance(self.import_id, meta, staged.sha256)
+        self._pending.append((idx, meta, staged))
         self._this_run[meta.sop_instance_uid] = meta.source_sha256
+        if len(self._pending) >= self.batch_size:
+            self.flush()
         return staged.sha256
 
+    def flush(self) -> None:
+        """Commit the pending metadata in one transaction, then attribute it to the import."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        outcome = self.gw.store.add_instances(
+            [(idx, staged.sha256, staged.size) for idx, _m, staged in batch], self.source
+        )
+        kept = []
+        for (_idx, meta, staged), result in zip(batch, outcome, strict=True):
+            if result == AddResult.CONFLICT:
+                self.late_conflicts.append(meta.sop_instance_uid)
+                self._this_run.pop(meta.sop_instance_uid, None)
+            else:
+                kept.append((meta, staged.sha256))
+        self.records.add_instances(self.import_id, kept)
+
+    def _check_placement(self, idx: InstanceIndex) -> None:
+        """Refuse, before writing, a study or series the store files under another patient."""
+        key = (idx.study_uid, idx.series_uid)
+        patient = (idx.patient_id, idx.issuer)
+        if self._placed.get(key) == patient:
+            return
+        owner = self.records.placement_of(idx.study_uid, idx.series_uid)
+        if owner is not None and owner != (idx.study_uid, *patient):
+            raise ConflictError(
+                "the store refused this instance: its study or series is already stored "
+                "under another patient or study"
+            )
+        self._placed[key] = patient
+
     def _stage(self, path: Path, meta: InstanceMeta) -> StagedFile:
-        """Verify the hash and size and make the file durable in the store's ``tmp``."""
+        """Make the file durable in the store's ``tmp`` (copied in if it is elsewhere).
+
+        A file in ``tmp`` was written and hashed by the importer in this process
+        after it was closed (``meta.sha256``); it is not read again, only its
+        size is checked and it is fsynced.
+        """
         tmp = self.gw.files.tmp
+        fsync = self.gw.settings.store.fsync
         if path.parent.resolve() != tmp.resolve():  # another work dir: copy it in first
             writer = self.gw.files.writer(max(meta.size, 1))
             try:
@@ -95,19 +146,18 @@ class GatewaySink:
             except BaseException:
                 writer.abort()
                 raise
-            staged = writer.finish(self.gw.settings.store.fsync)
+            staged = writer.finish(fsync)
             if staged.sha256 != meta.sha256:
                 staged.path.unlink(missing_ok=True)
                 raise StoreError("the reconciled file changed before it was stored")
             return staged
-        digest = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-            if self.gw.settings.store.fsync:
-                os.fsync(fh.fileno())
-        if digest.hexdigest() != meta.sha256 or size != meta.size:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            size = os.fstat(fd).st_size
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if size != meta.size:
             raise StoreError("the reconciled file changed before it was stored")
         return StagedFile(path, meta.sha256, size)
