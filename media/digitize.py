@@ -275,8 +275,9 @@ def read_scan_image(path: Path, info: ScanInfo) -> Scan:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) != 1:
-                raise InvalidInputError(f"{path.name}: one film per file, found {img.n_frames}")
+            frames = int(getattr(img, "n_frames", 1))
+            if frames != 1:
+                raise InvalidInputError(f"{path.name}: one film per file, found {frames}")
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
                 container, pixels = 16, np.asarray(img.convert("I;16"), dtype=np.uint16)

@@ -478,6 +478,13 @@ async def verify_evidence(
                 return report
             previous_token = token
     report.unprotected_items = len(set(items) - protected)
+    # Only items covered by an archive timestamp are evidence (cryptoInfos itself is not).
+    vd = ValidationData(
+        tuple(c for c in vd.certificates if c in protected),
+        tuple(c for c in vd.crls if c in protected),
+        tuple(o for o in vd.ocsps if o in protected),
+    )
+    report.validation_data = vd
     # Timestamps: read the times first, then judge each at the next one's time.
     times: list[datetime | None] = []
     for _step, token, _root in steps:

@@ -26,7 +26,7 @@ from gateway.digitization.workflow import DigitizeRequest, digitize
 from gateway.service import Gateway
 from gateway.settings import load_settings
 from media.digitize import ScanInfo
-from pki.errors import ConfigurationError, NotFoundError, SigningError
+from pki.errors import ConfigurationError, NotFoundError, SigningError, TimestampError
 from tests.digitize_fixtures import digitization_config, make_scan, signer_arg
 from tests.gateway_helpers import Instance, create_instance
 from tests.signing_fixtures import loopback_tsa, require_tool, signing_pki, tsa_server
@@ -341,3 +341,26 @@ async def test_receipt_must_exist_and_manager_must_be_configured(gw, tmp_path) -
     gw.settings = replace(gw.settings, digitization=no_manager)
     with pytest.raises(ConfigurationError, match="information_manager"):
         await digitize(gw, replace(request, receipt_id=receipt.id))
+
+
+async def test_tsa_unreachable_leaves_nothing_half_signed(gw, signing_pki, tmp_path) -> None:
+    from tests.gateway_helpers import free_port
+
+    receipt = await receive_film(
+        gw, patient_id="P-700", source_facility="Clinic", films=1, received_by="reception01"
+    )
+    signing = dict(gw.settings.signing)
+    signing["tsa_url"] = f"http://127.0.0.1:{free_port()}/tsa"
+    gw.settings = replace(gw.settings, signing=signing)
+    before = {p.name for p in gw.files.objects.rglob("*") if p.is_file()}
+    request = DigitizeRequest(
+        receipt_id=receipt.id,
+        files=(make_scan(tmp_path / "f.png"),),
+        operator_id="op07",
+        signer=signer_arg(signing_pki),
+        scan=GOOD,
+    )
+    with pytest.raises(TimestampError, match="unreachable"):
+        await digitize(gw, request)
+    assert {p.name for p in gw.files.objects.rglob("*") if p.is_file()} == before
+    assert list(gw.files.tmp.iterdir()) == []

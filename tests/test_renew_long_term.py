@@ -8,8 +8,8 @@ longer.  With the clock frozen a day *after* the first TSA certificate ended,
 the renewed records verify and the copies kept from before the renewal do
 not.  A second renewal run renews nothing and every renewal is audited.
 
-Separately, with a PKI whose CRL service is stopped after signing, the
-records still verify from the validation data captured at signing.
+Separately, with a PKI whose CRL and OCSP services are stopped after signing,
+the records still verify from the validation data captured at signing.
 """
 
 # The signing fixtures are imported by name and requested as parameters.
@@ -31,6 +31,7 @@ from gateway.service import Gateway
 from gateway.settings import load_settings
 from media.digitize import ScanInfo
 from signing.evidence import load_record
+from signing.validation_data import from_attributes
 from tests.digitize_fixtures import (
     crl_at,
     digitization_config,
@@ -237,8 +238,15 @@ async def test_verification_uses_captured_data_when_ca_services_are_gone(tmp_pat
         )
         await _digitize_film_and_paper(inst, pki, tmp_path)
     finally:
-        stop_tsa(services)  # the CA's CRL service (and its TSA) stop answering
+        stop_tsa(services)  # the CA's CRL and OCSP services (and its TSA) stop answering
+    assert services.server.ocsp_requests > 0  # type: ignore[attr-defined]
     status = _status(inst)
+    er_sha = status["dicom"]["evidence_sha256"]
+    record = load_record((inst.objects / er_sha[:2] / er_sha[2:4] / er_sha).read_bytes())
+    captured = from_attributes(
+        (a["type"].dotted, v.dump()) for a in record["crypto_infos"] for v in a["values"]
+    )
+    assert captured.ocsps and captured.certificates  # OCSP answers captured at signing
     for kind in ("dicom", "pdf"):
         proc = inst.cli("signatures", "verify", "--record", str(status[kind]["id"]), "--json")
         report = json.loads(proc.stdout)

@@ -25,6 +25,7 @@ from tests.signing_fixtures import (  # noqa: F401 - fixtures are used by name
     make_sc_dataset,
     require_tool,
     signing_pki,
+    softhsm_token,
     tsa_server,
 )
 from tests.test_sign_cli_fixtures import (
@@ -217,6 +218,26 @@ def test_unknown_record_type_and_missing_section_are_refused(inst, signing_pki, 
     proc = sign(inst, "dicom", src, out, signer_arg(signing_pki), "digitized-film", config=bare)
     assert proc.returncode != 0 and "'signing': not configured" in proc.stderr
     assert not out.exists()
+
+
+def test_pkcs11_token_signer_through_the_cli(inst, signing_pki, softhsm_token, tmp_path) -> None:
+    """The HPKI card path (R-SIG-7): SoftHSM2 token, key and certificate by CKA_ID."""
+    tok = softhsm_token
+    spec = (
+        f"pkcs11:module={tok.module},token={tok.label},key-id={tok.key_id.hex()},"
+        f"cert-id={tok.key_id.hex()},pin-file={tok.pin_file}"
+    )
+    src, out = tmp_path / "in.dcm", tmp_path / "signed.dcm"
+    make_sc_dataset(src)
+    head = inst.audit_head()
+    proc = sign(inst, "dicom", src, out, spec, "digitized-film", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert sekisho_json(proc)["backend"] == "pkcs11"
+    assert dcmsign_verify(out, signing_pki).returncode == 0
+    assert verify(inst, out, "--type", "digitized-film").returncode == 0
+    (signed, _) = signing_records(inst, head)
+    assert signed.event.extra["backend"] == "pkcs11"
+    assert signed.event.actor_cert_sha256 == signing_pki.fingerprint("hpki-signer")
 
 
 # --------------------------------------------------------------------------- PDF

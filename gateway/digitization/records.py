@@ -352,7 +352,7 @@ class DigitizationRecords:
     def signed_records(self, *, due_before: datetime | None = None) -> list[SignedRecord]:
         sql, args = "SELECT * FROM signed_records", []
         if due_before is not None:
-            sql += " WHERE protected_until = '' OR protected_until <= ?"
+            sql += " WHERE protected_until != '' AND protected_until <= ?"
             args.append(utc_iso(due_before))
         with self._conn() as conn:
             rows = conn.execute(sql + " ORDER BY id", args).fetchall()

@@ -22,19 +22,18 @@ signature leaves nothing behind (seed 000 §5.2(1)②「遅滞なく」, 付録2
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from gateway.service import Gateway
+from gateway.signatures.config import load_signing_settings
 from gateway.store.files import StagedFile
 from gateway.store.index import InstanceIndex, index_instance
-from pki.errors import ConfigurationError, SigningError
+from pki.errors import SigningError
 from signing import dicom_sig, pades
 from signing.cli import SigningSettings
 from signing.evidence import create_evidence, verify_evidence
@@ -47,27 +46,10 @@ from signing.verify import judge
 
 __all__ = ["Sealed", "Sealer", "load_signing"]
 
-_PATH_KEYS = ("signer_anchors", "tsa_anchors", "intermediates", "crls")
-
 
 def load_signing(settings: Any) -> SigningSettings:
-    """The ``[signing]`` section as :class:`SigningSettings`, paths relative to the file."""
-    raw: Mapping[str, Any] = getattr(settings, "signing", None) or {}
-    if not raw:
-        raise ConfigurationError(
-            "configuration key 'signing': required for digitization (trust anchors, TSA, policy)"
-        )
-    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
-    trust = data.get("trust")
-    if isinstance(trust, dict):
-        base: Path = settings.base_dir
-        for key in _PATH_KEYS:
-            value = trust.get(key)
-            if isinstance(value, str):
-                value = [value]
-            if isinstance(value, list):
-                trust[key] = [str(base / p) if isinstance(p, str) else p for p in value]
-    return SigningSettings.from_config(data)
+    """The ``[signing]`` section, paths resolved (:mod:`gateway.signatures.config`)."""
+    return load_signing_settings(settings)
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -133,7 +115,10 @@ class Sealer:
         try:
             at = datetime.now(UTC)
             vc = self.signing.trust.signer_context(at)
-            check = await check_signer(self.policy, self.signer.certificate, at, vc)
+            try:
+                check = await check_signer(self.policy, self.signer.certificate, at, vc)
+            finally:
+                await vc.aclose()  # the fetchers' HTTP session, if revocation was fetched
             check.raise_if_refused()
             self.subject, self.role = check.subject, check.role
         except BaseException:

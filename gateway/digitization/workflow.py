@@ -252,7 +252,8 @@ async def _digitize(
             }
             for number, scan in enumerate(scans, start=1):
                 contribution = _contribution(gw, req, scan.info, note)
-                ds = film.build_film_sc(
+                ds = await gw.run(
+                    film.build_film_sc,
                     scan,
                     patient,
                     replace(series, instance_number=number),
@@ -273,7 +274,8 @@ async def _digitize(
             local = now.astimezone(s.zone)
             if req.paper_sc:
                 for number, page in enumerate(pages, start=1):
-                    ds = paper.build_document_sc(
+                    ds = await gw.run(
+                        paper.build_document_sc,
                         page,
                         patient,
                         replace(series, instance_number=number),

@@ -33,7 +33,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
@@ -182,20 +185,28 @@ def _store_one(assoc: Any, item: SendItem, ts: str, msg_id: int) -> tuple[Any, s
             "the local copy no longer matches the SHA-256 recorded on receipt; not sent"
         )
     if ts == item.transfer_syntax:
-        status = _send_stored(assoc, item, ts, msg_id, digest.dataset_offset)
+        status = _send_c_store(assoc, item, ts, msg_id, dataset_path=(item.path,
+                                                                     digest.dataset_offset))
         return status, digest.dataset_sha256, digest
     # Explicit <-> Implicit VR Little Endian only (lossless; see destinations.proposed_syntaxes).
-    ds = dcmread(item.path)
     target = UID(ts)
-    data = encode(ds, target.is_implicit_VR, target.is_little_endian, False)
+    data = encode(dcmread(item.path), target.is_implicit_VR, target.is_little_endian, False)
     if data is None:
         raise _LocalCorruption("the instance could not be re-encoded in " + target.name)
-    status = assoc.send_c_store(ds, msg_id=msg_id)
+    status = _send_c_store(assoc, item, ts, msg_id, data=data)
     return status, sha256_bytes(data), digest
 
 
-def _send_stored(assoc: Any, item: SendItem, ts: str, msg_id: int, offset: int) -> Any:
-    """C-STORE the stored dataset bytes unchanged (PS3.7 9.1.1); returns the status dataset."""
+def _send_c_store(
+    assoc: Any, item: SendItem, ts: str, msg_id: int, *,
+    dataset_path: tuple[Path, int] | None = None, data: bytes | None = None,
+) -> Any:
+    """One C-STORE request and its response (PS3.7 9.1.1); returns the status dataset.
+
+    ``dataset_path``: (stored file, dataset offset), streamed unchanged by pynetdicom's
+    file-backed encoder; ``data``: an already encoded dataset.  The caller holds the
+    association's reactor paused (:func:`_reactor_paused`).
+    """
     context = assoc._get_valid_context(  # noqa: SLF001 - pynetdicom's role-aware lookup
         item.sop_class_uid, ts, "scu", allow_conversion=False
     )
@@ -204,20 +215,47 @@ def _send_stored(assoc: Any, item: SendItem, ts: str, msg_id: int, offset: int) 
     req.AffectedSOPClassUID = item.sop_class_uid
     req.AffectedSOPInstanceUID = item.sop_uid
     req.Priority = 0x0002  # low, as pynetdicom's default
-    req._dataset_path = (item.path, offset)  # noqa: SLF001 - file-backed encoder
-    # Pause the requestor's reactor while we wait for the response, as send_c_store does.
-    assoc._reactor_checkpoint.clear()  # noqa: SLF001
-    while not assoc._is_paused:  # noqa: SLF001
-        time.sleep(0.0001)
-    try:
-        assoc.dimse.send_msg(req, context.context_id)
-        _cx, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()  # noqa: SLF001
+    if dataset_path is not None:
+        req._dataset_path = dataset_path  # noqa: SLF001 - file-backed encoder
+    else:
+        req.DataSet = BytesIO(data or b"")
+    assoc.dimse.send_msg(req, context.context_id)
+    _cx, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()  # noqa: SLF001
         return None
     return assoc._check_received_status(rsp)  # noqa: SLF001
+
+
+@contextmanager
+def _reactor_paused(assoc: Any, settle: float = 0.005) -> Iterator[None]:
+    """Hold the requestor's reactor for a whole run of C-STOREs.
+
+    pynetdicom's reactor thread takes any DIMSE message it finds off the queue
+    unless it is paused; ``send_c_store`` pauses and resumes it around every
+    request, and a reactor that passed its checkpoint just before the pause can
+    still take the response ("Received unexpected C-STORE service message") when
+    the peer answers within a millisecond.  Pausing once per batch, and checking
+    again after ``settle`` seconds, closes that window and saves a pause per
+    instance.
+    """
+    checkpoint = assoc._reactor_checkpoint  # noqa: SLF001
+    checkpoint.clear()
+
+    def wait_paused() -> None:
+        deadline = time.monotonic() + 5
+        while not assoc._is_paused and assoc.is_established:  # noqa: SLF001
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.0001)
+
+    try:
+        wait_paused()
+        time.sleep(settle)
+        wait_paused()
+        yield
+    finally:
+        checkpoint.set()
 
 
 class _LocalCorruption(Exception):
@@ -285,7 +323,8 @@ def send_batch(
             return result
         _tune(assoc)
         _loop_delay(assoc, _BUSY_LOOP_DELAY)
-        _send_all(assoc, chosen, callbacks, stop, result)
+        with _reactor_paused(assoc):
+            _send_all(assoc, chosen, callbacks, stop, result)
         if dest.storage_commitment and result.sent:
             _request_commitment(assoc, dest, chosen, callbacks, stop, result)
     finally:
@@ -323,7 +362,11 @@ def _send_all(
             result.failures[item.job_id] = (
                 "no C-STORE response (timeout, or the destination aborted the association)",
                 False)
-            continue
+            # The association is unusable: give the rest back without counting an attempt.
+            result.untouched.extend(i.job_id for i in chosen[n + 1:])
+            if assoc.is_established:
+                assoc.abort()
+            return
         ok, words = _status_words(status)
         if not ok:
             result.failures[item.job_id] = (words, False)

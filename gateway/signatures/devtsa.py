@@ -128,7 +128,8 @@ class DevTsa:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/tsa"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://{name}:{port}/tsa"
 
     def _next_serial(self) -> int:
         with self._lock:

@@ -147,8 +147,13 @@ async def sign_and_audit(
     """
     facts = await asyncio.to_thread(dicom_facts, inp) if kind == "dicom" else RecordFacts()
     identity: SignerIdentity | None = None
-    subject = {"patient_id": facts.patient_id, "patient_issuer": facts.patient_issuer}
-    common = {"actor": operator, "kind": kind, "record_type": record_type, **subject}
+    common: dict[str, Any] = {
+        "actor": operator,
+        "kind": kind,
+        "record_type": record_type,
+        "patient_id": facts.patient_id,
+        "patient_issuer": facts.patient_issuer,
+    }
     try:
         signing = load_signing_settings(settings)
         spec = SignerSpec.parse(signer) if isinstance(signer, str) else signer
