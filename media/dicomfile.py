@@ -9,7 +9,10 @@
   found: pydicom alone silently returns a partial data set for a truncated
   file.  On the way it keeps the raw bytes of the few top-level elements the
   report needs, so inspecting 10,000 files does not build 10,000 pydicom data
-  sets.  The importer reads the file with pydicom afterwards.
+  sets.
+* :func:`parse_layout` does the same walk and also returns where each
+  top-level data element starts and ends (:class:`ElementSpan`), which the
+  importer's splice writer (:mod:`media.splice`) copies unchanged.
 * :func:`examine_stream` hashes the file in chunks and parses it from memory
   when it fits in the first chunk (the usual case), else with seeks.
 
@@ -161,15 +164,33 @@ class HeaderInfo:
     little_endian: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ElementSpan:
+    """Where one top-level data element lies in the file (PS3.5 §7.1).
+
+    ``start`` is the offset of its tag, ``end`` the offset just past it: past
+    its value, or past the Sequence Delimitation Item of an undefined-length
+    value (PS3.5 §7.5.2, §A.4 for encapsulated pixel data).
+    """
+
+    tag: int
+    start: int
+    end: int
+
+
 class _Walker:
     """Walks element headers with reads of a few bytes and seeks."""
 
-    def __init__(self, fp: BinaryIO, size: int, little: bool) -> None:
+    def __init__(
+        self, fp: BinaryIO, size: int, little: bool, spans: list[ElementSpan] | None = None
+    ) -> None:
         self.fp = fp
         self.size = size
         self.endian = "<" if little else ">"
         self.values: dict[int, bytes] = {}
         self.top_level_tags: set[int] = set()
+        #: Top-level elements of the data set, in file order (only when asked for).
+        self.spans = spans
 
     def _read(self, n: int, what: str) -> bytes:
         data = self.fp.read(n)
@@ -261,9 +282,14 @@ class _Walker:
                     ProblemKind.MALFORMED,
                     f"A stray item tag was found at byte {self.fp.tell() - 4}.",
                 )
-            if not in_item:
-                self.top_level_tags.add(tag)
+            if in_item:
+                self.element(tag, explicit, depth)
+                continue
+            self.top_level_tags.add(tag)
+            start = self.fp.tell() - 4
             self.element(tag, explicit, depth)
+            if self.spans is not None:
+                self.spans.append(ElementSpan(tag, start, self.fp.tell()))
 
     def meta(self) -> None:
         """File Meta Information: group 0002, always explicit VR little endian."""
@@ -310,6 +336,21 @@ def _encoding_of(ts: str, fp: BinaryIO, start: int) -> tuple[bool, bool]:
 
 def parse_file(fp: BinaryIO, size: int) -> HeaderInfo:
     """Walk the whole file and return its header fields (see module docstring)."""
+    return _parse(fp, size, None)
+
+
+def parse_layout(fp: BinaryIO, size: int) -> tuple[HeaderInfo, list[ElementSpan] | None]:
+    """:func:`parse_file`, plus the span of every top-level data set element.
+
+    The spans cover the data set only (not the File Meta Information), in file
+    order; ``None`` for a deflated data set (PS3.5 §A.5), which is not walked.
+    """
+    spans: list[ElementSpan] = []
+    header = _parse(fp, size, spans)
+    return header, (None if header.transfer_syntax_uid == _DEFLATED else spans)
+
+
+def _parse(fp: BinaryIO, size: int, spans: list[ElementSpan] | None) -> HeaderInfo:
     fp.seek(0)
     prefix = fp.read(PREAMBLE_LENGTH + 4)
     form = sniff(prefix)
@@ -323,7 +364,7 @@ def parse_file(fp: BinaryIO, size: int) -> HeaderInfo:
     ts = _ascii(values.get(0x00020010))
     implicit, little = _encoding_of(ts, fp, fp.tell())
     if ts != _DEFLATED:
-        body = _Walker(fp, size, little=little)
+        body = _Walker(fp, size, little=little, spans=spans)
         body.dataset(not implicit, 0, in_item=False)
         values.update(body.values)
         if 0x00280010 in values and not body.top_level_tags & _PIXEL_TAGS:

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asn1crypto import x509 as asn1_x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from pyhanko.sign.general import SigningError as PyHankoSigningError
 from pyhanko.sign.signers import Signer, SimpleSigner
 
@@ -231,6 +234,41 @@ def _chain(spec: SignerSpec) -> tuple[asn1_x509.Certificate, ...]:
     return tuple(c for p in spec.chain_files for c in load_asn1_certificates(p))
 
 
+class _LoadedKeySigner(SimpleSigner):
+    """A file-key signer that parses its private key once and signs off the loop.
+
+    pyHanko's ``SimpleSigner.sign_raw`` re-parses the DER private key for every
+    signature (tens of milliseconds for RSA-2048, on the event loop).  This
+    keeps the parsed key and runs the RSA/ECDSA operation in a worker thread;
+    other mechanisms fall back to pyHanko.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._key = serialization.load_der_private_key(self.signing_key.dump(), password=None)
+
+    def _sign_now(self, data: bytes, digest_algorithm: str) -> bytes:
+        mechanism = self.get_signature_mechanism_for_digest(digest_algorithm)
+        try:
+            name = mechanism.signature_algo
+        except ValueError:
+            name = mechanism["algorithm"].native
+        hash_algo = getattr(hashes, digest_algorithm.upper().replace("-", "_"))()
+        if name == "rsassa_pkcs1v15" and isinstance(self._key, rsa.RSAPrivateKey):
+            return self._key.sign(data, asym_padding.PKCS1v15(), hash_algo)
+        if name == "ecdsa" and isinstance(self._key, ec.EllipticCurvePrivateKey):
+            return self._key.sign(data, ec.ECDSA(hash_algo))
+        return super().sign_raw(data, digest_algorithm)
+
+    def sign_raw(self, data: bytes, digest_algorithm: str) -> bytes:
+        return self._sign_now(data, digest_algorithm)
+
+    async def async_sign_raw(
+        self, data: bytes, digest_algorithm: str, dry_run: bool = False
+    ) -> bytes:
+        return await asyncio.to_thread(self._sign_now, data, digest_algorithm)
+
+
 def _open_pkcs12(spec: SignerSpec) -> SekishoSigner:
     assert spec.pkcs12 is not None and spec.password_file is not None
     password = read_secret_file(spec.password_file)
@@ -238,7 +276,13 @@ def _open_pkcs12(spec: SignerSpec) -> SekishoSigner:
     chain = _chain(spec)
     try:
         data = spec.pkcs12.read_bytes()
-        signer = SimpleSigner.load_pkcs12_data(data, other_certs=list(chain), passphrase=password)
+        loaded = SimpleSigner.load_pkcs12_data(data, other_certs=list(chain), passphrase=password)
+        signer = _LoadedKeySigner(
+            signing_cert=loaded.signing_cert,
+            signing_key=loaded.signing_key,
+            cert_registry=loaded.cert_registry,
+            signature_mechanism=loaded.signature_mechanism,
+        )
     except OSError as exc:
         raise ConfigurationError(f"cannot read PKCS#12 file {spec.pkcs12}: {exc.strerror}") from exc
     except ValueError as exc:

@@ -272,27 +272,35 @@ class SoftHsmToken:
     env: dict[str, str]
 
 
-def _store_certificate(module: str, label: str, pin: str, key_id: bytes, cert_path: Path) -> None:
-    """Put the signer's certificate on the token next to its key (same CKA_ID)."""
-    import pkcs11
+def _store_certificate(
+    module: str, label: str, pin: str, key_id: bytes, cert_path: Path, env: dict[str, str]
+) -> None:
+    """Put the signer's certificate on the token next to its key (same CKA_ID).
+
+    Done by OpenSC's ``pkcs11-tool`` in its own process, so the test process's
+    PKCS#11 library state (initialised once per process) plays no part.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from pkcs11 import Attribute, CertificateType, ObjectClass
 
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    token = pkcs11.lib(module).get_token(token_label=label)
-    with token.open(rw=True, user_pin=pin) as session:
-        session.create_object(
-            {
-                Attribute.CLASS: ObjectClass.CERTIFICATE,
-                Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
-                Attribute.TOKEN: True,
-                Attribute.LABEL: "hpki-signer",
-                Attribute.ID: key_id,
-                Attribute.SUBJECT: cert.subject.public_bytes(),
-                Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
-            }
+    tool = require_tool("pkcs11-tool")
+    der = cert_path.with_suffix(".der")
+    der.write_bytes(
+        x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+            serialization.Encoding.DER
         )
+    )
+    subprocess.run(
+        [
+            tool, "--module", module, "--token-label", label, "--login", "--pin", pin,
+            "--write-object", str(der), "--type", "cert", "--id", key_id.hex(),
+            "--label", "hpki-signer",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -346,7 +354,9 @@ def softhsm_token(
     write_secret_file(pin_file, pin.encode() + b"\n")
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)  # read by the module at C_Initialize
-    _store_certificate(module, label, pin, key_id, signing_pki.cert_path("hpki-signer"))
+    cert_copy = base / "hpki-signer.crt.pem"
+    cert_copy.write_bytes(signing_pki.cert_path("hpki-signer").read_bytes())
+    _store_certificate(module, label, pin, key_id, cert_copy, env)
     try:
         yield SoftHsmToken(module, label, pin_file, key_id, "hpki-signer", env)
     finally:

@@ -15,6 +15,7 @@ import os
 import pytest
 from test_forward_peers import (
     STORESCP,
+    CommitmentScp,
     dataset_sha,
     dimse_destination_dict,
     free_port,
@@ -90,3 +91,33 @@ def test_received_study_is_forwarded_and_the_admin_api_needs_admin(
         assert resumed.status == 200 and resumed.json() == {"resumed": 3}
         bad = curl(instance, "/admin/forward/send", role=admin, data=b"[]", content_type=JSON)
         assert bad.status == 400
+
+
+def test_commitment_report_through_the_gateways_own_dimse_listener(
+    instance_factory, gateway_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """The provider reports Storage Commitment on its own association to ``[dimse]``
+    (PS3.4 J.3.3), authenticated by its certificate and AE title like any partner."""
+    instance = instance_factory()
+    pki = instance.pki
+    dimse_port = instance.read_config()["dimse"]["port"]
+    instance.cli_ok("partner", "add", "provider", "--certificate",
+                    str(pki.cert_path("storage-provider")), "--ae-title", "ARCHIVE",
+                    "--role", "external-storage")
+    study = make_study(1, 2, patient_id="SC-1")
+    with CommitmentScp(pki, mode="separate",
+                       report_to=("127.0.0.1", dimse_port, "SEKISHO")) as scp:
+        instance.update_config({
+            "destinations": {"ext-store": dimse_destination_dict(
+                pki, scp.port, called_ae="ARCHIVE", role="external-storage",
+                partner="provider", storage_commitment=True, commitment_timeout_seconds=0.2)},
+            "routing": {"on_receive": ["ext-store"], "scan_interval_seconds": 0.2},
+            "forward": {"poll_interval_seconds": 0.2},
+        })
+        gateway_factory(instance)
+        assert stow(instance, study.files).status == 200
+        assert wait_for(lambda: _states(instance) == ["committed"] * 2, 30)
+        assert int(scp.report_status.Status) == 0
+    jobs = ForwardQueue(instance.database).list_jobs()
+    assert {j.committed_at is not None for j in jobs} == {True}
+    assert len({j.commitment_uid for j in jobs}) == 1

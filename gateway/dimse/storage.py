@@ -25,6 +25,7 @@ one is kept, as for STOW-RS), 0x0124 not authorized (no ``push`` permission).
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any
@@ -33,9 +34,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
+from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.audit import events as ev
 from gateway.dimse.session import Session
@@ -79,6 +83,40 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     fp.is_implicit_VR = False
     write_file_meta_info(fp, meta, enforce_standard=True)
     return b"\x00" * 128 + b"DICM" + fp.getvalue()
+
+
+def _ui(element: int, uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\0"  # UI values are padded with NUL to even length (PS3.5 6.2)
+    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+
+def c_store_rsp_command(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+) -> bytes:
+    """The command set of a C-STORE-RSP without data set (PS3.7 9.3.1.2, Table 9.3-2).
+
+    Implicit VR Little Endian (PS3.7 6.3.1), elements in tag order, led by
+    the Command Group Length: the same bytes pynetdicom encodes for such a
+    response (``tests/test_dimse_units.py`` compares them), built without a
+    pydicom data set round trip.
+    """
+    body = b"".join(
+        (
+            _ui(0x0002, sop_class_uid),
+            _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+            _us(0x0120, message_id),
+            _us(0x0800, 0x0101),  # Command Data Set Type: none
+            _us(0x0900, status),
+            _ui(0x1000, sop_instance_uid),
+        )
+    )
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 class InstanceSink:
@@ -205,6 +243,42 @@ class StreamingDimse(DIMSEServiceProvider):
         if self.message is None:
             self.message = _StreamingMessage(self._open_sink)
         super().receive_primitive(primitive)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a DIMSE message; a plain C-STORE-RSP is encoded directly.
+
+        pynetdicom builds every command set as a pydicom data set, about half a
+        millisecond per response: a peer that waits for each response before
+        sending the next instance pays it on every instance.  Responses with an
+        Error Comment or Offending Element, and every other message, go the
+        usual way, as does everything when an EVT_DIMSE_SENT handler is bound
+        (it expects pynetdicom's message object).
+        """
+        if (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status is not None
+            and primitive.AffectedSOPClassUID
+            and primitive.AffectedSOPInstanceUID
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            command = c_store_rsp_command(
+                int(primitive.MessageIDBeingRespondedTo),
+                str(primitive.AffectedSOPClassUID),
+                str(primitive.AffectedSOPInstanceUID),
+                int(primitive.Status),
+            )
+            # The peer's Maximum Length bounds the PDV items (PS3.8 D.1): item
+            # length (4), context ID (1), message control header (1), fragment.
+            limit = self.maximum_pdu_size
+            if not limit or len(command) + 6 <= limit:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
 
 
 class StorageScp:
