@@ -261,3 +261,21 @@ async def test_verification_uses_captured_data_when_ca_services_are_gone(tmp_pat
     report = json.loads(proc.stdout)
     assert proc.returncode == 1
     assert any("revocation" in p for p in report["problems"]), report["problems"]
+
+
+def test_sekisho_verify_follows_the_evidence_record_beside_the_object(renewed, tmp_path) -> None:
+    """``sekisho verify FILE`` checks ``FILE.ers`` too (R-SIG-6, R-SIG-8)."""
+    inst, old = renewed["inst"], renewed["old"]
+    proc = inst.cli("verify", str(old / "film.dcm"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["long_term"]["verdict"] == "valid"
+    assert report["long_term"]["evidence"] is not None
+    # A damaged evidence record makes the verdict fail although the signature is intact.
+    bad = tmp_path / "film.dcm"
+    shutil.copy(old / "film.dcm", bad)
+    er = bytearray((old / "film.dcm.ers").read_bytes())
+    er[-5] ^= 0xFF
+    (tmp_path / "film.dcm.ers").write_bytes(bytes(er))
+    proc = inst.cli("verify", str(bad), "--json")
+    assert proc.returncode != 0

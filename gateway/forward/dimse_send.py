@@ -65,9 +65,9 @@ WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
 #: pynetdicom presentation context results (PS3.8 9.3.3.2).
 _ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 #: pynetdicom's DUL reactor sleeps this long whenever its event queue is empty
-#: (default 1 ms), i.e. between PDUs while a dataset streams and while a C-STORE
-#: response is awaited; 0.1 ms roughly doubles the sending rate measured by
-#: bench/forward_throughput.py.  Restored to the default while the association
+#: (default 1 ms), i.e. whenever it has caught up with the sender and while a
+#: C-STORE response is awaited; 0.1 ms while a batch is sent (measured with
+#: bench/forward_throughput.py).  Restored to the default while the association
 #: only waits for a Storage Commitment report.
 _BUSY_LOOP_DELAY = 0.0001
 _IDLE_LOOP_DELAY = 0.001

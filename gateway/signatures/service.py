@@ -300,6 +300,21 @@ async def verify_and_audit(
         )
         raise
     data = report.to_dict() if isinstance(report, VerificationReport) else dict(report)
+    evidence = path.with_name(path.name + ".ers")
+    if artifact == "dicom" and code != 2 and evidence.is_file():
+        # R-SIG-6: follow the Evidence Record kept beside the object.
+        from signing.renew import verify_dicom_long_term
+
+        long_term = await verify_dicom_long_term(
+            await asyncio.to_thread(path.read_bytes),
+            await asyncio.to_thread(evidence.read_bytes),
+            signing.trust,
+            policy=signing.policy.for_record(record_type) if record_type else None,
+        )
+        data["long_term"] = long_term.to_dict()
+        if not long_term.ok and code == 0:
+            code = 1
+            data["verdict"] = "invalid"
     sha = await asyncio.to_thread(_file_sha256, path) if code != 2 else ""
     await _record(
         trail,
