@@ -1,34 +1,43 @@
 """Import the selected instances of a medium (R-PDI-2, R-PDI-4, R-PDI-5, R-PDI-8).
 
-:func:`run_import` works in two passes over the planned files:
+:func:`run_import` reads every planned file from the medium **once**:
 
-1. **scan**: every file is streamed once through the malware scanner while its
-   SHA-256 is computed; any detection stops the import before anything is
-   stored (:class:`~pki.errors.MalwareDetectedError` lists the files);
-2. **import**: each file is read again and must hash to what was scanned (and
-   inspected), is reconciled (:mod:`media.reconcile`), written to a temporary
-   file in its original transfer syntax with a zeroed preamble (PS3.10 §7.1;
-   this also disarms PE/DICOM polyglots), hashed, and handed to the sink.
+1. **prepare** (a small pool of :data:`WORKERS` threads): the file is read
+   into memory, or into a spool file in the work folder when it is large; the
+   bytes read are hashed and streamed through the malware scanner; if the file
+   is clean, is what inspection saw and is not stored yet, it is checked,
+   reconciled (:mod:`media.reconcile`) and written to a temporary file in its
+   original transfer syntax (:mod:`media.rewrite`: raw elements spliced,
+   PS3.10 §7.1), hashed while written.  The scanner and the writer see the
+   very bytes that were hashed: nothing is read from the medium twice;
+2. **store**: only when *every* file is clean are the written files handed
+   to the sink, in plan order.  A detection anywhere stops the import before
+   anything is stored (:class:`~pki.errors.MalwareDetectedError` lists the
+   files) and every temporary file is removed.
 
-The sink is the gateway's store behind a two-method protocol
-(:class:`InstanceSink`), so ``media`` does no persistence itself.  Files are
-handled one at a time and streamed, so memory does not grow with the medium.
+Reads from the medium are serialized (an optical drive must not seek between
+two files, and an ISO image is one shared file handle); hashing, scanning,
+parsing and writing of two files overlap.  The sink is the gateway's store
+behind a two-method protocol (:class:`InstanceSink`), called from the calling
+thread only, so ``media`` does no persistence itself.  At most a few files are
+in flight, so memory does not grow with the medium; the written files wait on
+disk in the work folder (the store's own ``tmp``) until the scan verdicts are
+all in.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
-
-from pydicom import dcmread, dcmwrite
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pki.errors import (
     ConflictError,
@@ -39,7 +48,6 @@ from pki.errors import (
 )
 
 from .conformance import FindingCode, finding
-from .dicomfile import PREAMBLE_LENGTH, DicomFileProblem, FileForm, parse_file
 from .import_result import (
     ImportedInstance,
     ImportResult,
@@ -54,18 +62,30 @@ from .reconcile import (
     Mismatch,
     Operator,
     compare_demographics,
-    reconcile_instance,
     require_confirmation,
     validate_accession_number,
 )
-from .scanner import Scanner
+from .rewrite import (
+    IMPLEMENTATION_VERSION_NAME,
+    Reconciliation,
+    RewriteRefused,
+    Rewritten,
+    rewrite_instance,
+)
+from .scanner import Scanner, ScanResult
 from .selection import ImportPlan, PlannedFile
 from .settings import MediaSettings, StationInfo
 from .source import MediaSource
+from .splice import ByteSource, FileSource, MemorySource
 
-IMPLEMENTATION_VERSION_NAME = "SEKISHO_PDI"
+#: Files prepared at the same time: reading, hashing, scanning and writing of
+#: one overlap with the Python work of the other (two suit a two-core kiosk).
+WORKERS = 2
+#: Prepared files waiting to be collected, beyond those being worked on.
+_WINDOW = 2 * WORKERS
 
 __all__ = [
+    "IMPLEMENTATION_VERSION_NAME",
     "ImportResult",
     "ImportedInstance",
     "InstanceMeta",
@@ -73,6 +93,7 @@ __all__ = [
     "ScanRecord",
     "SkipReason",
     "SkippedFile",
+    "WORKERS",
     "run_import",
 ]
 
@@ -80,35 +101,45 @@ __all__ = [
 Progress = Callable[[int, int], None]
 
 
-class _HashingChunks:
-    """Iterates a stream in chunks while hashing what went through.
+class _Skip(Exception):
+    """One file is not imported (reason, message, and the finding to report if any)."""
 
-    A read failure ends the iteration and is kept in ``error`` so that a
-    scanner consuming the chunks never mistakes a media problem for its own.
-    """
+    def __init__(self, reason: SkipReason, message: str, code: FindingCode | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.code = code
 
-    def __init__(self, stream: BinaryIO, chunk_bytes: int) -> None:
-        self.stream = stream
-        self.chunk_bytes = chunk_bytes
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.error: str | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
-        while self.error is None:
-            try:
-                chunk = self.stream.read(self.chunk_bytes)
-            except PayloadTooLargeError:
-                self.error = "the file grew beyond the per-file limit while read"
-                return
-            except (OSError, MediaImportError) as exc:
-                self.error = f"read failed ({type(exc).__name__})"
-                return
-            if not chunk:
-                return
-            self.digest.update(chunk)
-            self.size += len(chunk)
-            yield chunk
+@dataclass(slots=True)
+class _Prepared:
+    """What the prepare step found for one planned file."""
+
+    planned: PlannedFile
+    #: SHA-256 of the file as read (``None`` when it could not be read).
+    sha256: str | None = None
+    verdict: ScanResult | None = None
+    skip: _Skip | None = None
+    output: Rewritten | None = None
+
+    def discard(self) -> None:
+        """Remove the written file (not stored, or stored and moved already)."""
+        if self.output is not None:
+            self.output.path.unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class _Context:
+    """Everything the prepare step of one import needs (shared by the workers)."""
+
+    source: MediaSource
+    settings: MediaSettings
+    scanner: Scanner
+    job: Reconciliation
+    #: Serializes reads from the medium (see the module docstring).
+    read_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Set after a detection (or a failure): nothing will be stored, so stop writing.
+    halt: threading.Event = field(default_factory=threading.Event)
 
 
 def run_import(
@@ -148,277 +179,266 @@ def run_import(
         mismatches.extend(compare_demographics(demo, target))
     require_confirmation(mismatches, confirm=confirm_mismatch)
     result.confirmed_mismatches = mismatches
-    when = now or datetime.now(UTC).astimezone()
+    job = Reconciliation(
+        target, importer, station, now or datetime.now(UTC).astimezone(), accession_number,
+        confirm_mismatch, settings.work_dir,
+    )  # fmt: skip
+    ctx = _Context(source, settings, scanner, job)
     total = 2 * len(plan.files)
     done = 0
 
-    scanned: dict[str, str] = {}
-    detections: list[tuple[str, str]] = []
-    for planned in plan.files:
-        sha = _scan_one(source, planned, settings, scanner, result, detections)
-        if sha is not None:
-            scanned[planned.path] = sha
+    def tick() -> None:
+        nonlocal done
         done += 1
         if progress is not None:
             progress(done, total)
-    if detections:
-        listing = ", ".join(f"{p} ({sig})" for p, sig in detections)
-        error = MalwareDetectedError(
-            f"malware was found on the medium; nothing was imported: {listing}",
-            detail=listing,
-        )
-        error.detections = detections  # type: ignore[attr-defined]
-        raise error
 
-    for planned in plan.files:
-        sha = scanned.get(planned.path)
-        if sha is not None:
-            _import_one(
-                source, planned, sha, target, importer, station, settings, sink, result,
-                when, accession_number, confirm_mismatch,
-            )  # fmt: skip
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    prepared: list[_Prepared] = []
+    detections: list[tuple[str, str]] = []
+
+    def collect(item: _Prepared) -> None:
+        prepared.append(item)
+        _record(result, item, detections)
+        if detections:
+            ctx.halt.set()
+        tick()
+
+    try:
+        _prepare_all(ctx, plan, sink, collect)
+        if detections:
+            listing = ", ".join(f"{p} ({sig})" for p, sig in detections)
+            error = MalwareDetectedError(
+                f"malware was found on the medium; nothing was imported: {listing}",
+                detail=listing,
+            )
+            error.detections = detections  # type: ignore[attr-defined]
+            raise error
+        for item in prepared:
+            if item.output is not None:
+                _store(item, job.target, sink, result)
+            tick()
+    finally:
+        for item in prepared:
+            item.discard()
     result.notes = sorted(set(result.notes))
     return result
 
 
-def _skip(result: ImportResult, planned: PlannedFile, reason: SkipReason, message: str) -> None:
-    result.skipped.append(SkippedFile(planned.path, planned.sop_instance_uid, reason, message))
-
-
-def _scan_one(
-    source: MediaSource,
-    planned: PlannedFile,
-    settings: MediaSettings,
-    scanner: Scanner,
-    result: ImportResult,
-    detections: list[tuple[str, str]],
-) -> str | None:
-    """Scan one file, returning its SHA-256 (``None`` when it was skipped).
-
-    Read problems skip the file; scanner problems (``MediaImportError`` from the
-    scanner) propagate: without a verdict nothing may be imported.
-    """
-    try:
-        stream = source.open(planned.path)
-    except PayloadTooLargeError:
-        _skip(result, planned, SkipReason.TOO_LARGE, "larger than the per-file limit")
-        result.findings.append(finding(FindingCode.FILE_TOO_LARGE, planned.path))
-        return None
-    except (MediaImportError, OSError) as exc:
-        _skip(result, planned, SkipReason.READ_ERROR, f"cannot be opened ({type(exc).__name__})")
-        result.findings.append(finding(FindingCode.READ_ERROR, planned.path))
-        return None
-    with stream:
-        chunks = _HashingChunks(stream, settings.chunk_bytes)
-        verdict = scanner.scan_stream(planned.path, chunks)
-        for _ in chunks:  # a scanner that stopped early: finish the hash
-            pass
-    if chunks.error is not None:
-        _skip(result, planned, SkipReason.READ_ERROR, chunks.error)
-        result.findings.append(finding(FindingCode.READ_ERROR, planned.path))
-        return None
-    sha = chunks.digest.hexdigest()
-    result.media_sha256[planned.path] = sha
-    result.scans.append(ScanRecord(planned.path, verdict))
-    if not verdict.clean:
-        detections.append((planned.path, verdict.signature or "unknown"))
-        return None
-    if planned.expected_sha256 is not None and planned.expected_sha256 != sha:
-        _skip(result, planned, SkipReason.MEDIA_CHANGED, "the file changed after inspection")
-        result.findings.append(finding(FindingCode.MEDIA_CHANGED, planned.path))
-        return None
-    return sha
-
-
-def _spool(
-    source: MediaSource, planned: PlannedFile, settings: MediaSettings
-) -> tuple[str, Path | io.BytesIO]:
-    """Copy a medium file to memory or to a temporary file, hashing on the way."""
-    with source.open(planned.path) as fp:
-        chunks = _HashingChunks(fp, settings.chunk_bytes)
-        sha, spool = _drain(chunks, planned, settings)
-    if chunks.error is not None:
-        if isinstance(spool, Path):
-            spool.unlink(missing_ok=True)
-        raise MediaImportError(chunks.error)
-    return sha, spool
-
-
-def _drain(
-    chunks: _HashingChunks, planned: PlannedFile, settings: MediaSettings
-) -> tuple[str, Path | io.BytesIO]:
-    """Small files go to memory, large ones to a temporary file (memory stays flat)."""
-    if planned.size is not None and planned.size <= settings.spool_threshold_bytes:
-        buffer = io.BytesIO()
-        for chunk in chunks:
-            buffer.write(chunk)
-        buffer.seek(0)
-        return chunks.digest.hexdigest(), buffer
-    fd, name = tempfile.mkstemp(prefix="sekisho-pdi-in-", dir=settings.work_dir)
-    with os.fdopen(fd, "wb") as out:
-        for chunk in chunks:
-            out.write(chunk)
-    return chunks.digest.hexdigest(), Path(name)
-
-
-def _import_one(
-    source: MediaSource,
-    planned: PlannedFile,
-    scanned_sha: str,
-    target: LocalPatient,
-    importer: Operator,
-    station: StationInfo,
-    settings: MediaSettings,
-    sink: InstanceSink,
-    result: ImportResult,
-    now: datetime,
-    accession_number: str | None,
-    confirm: bool,
+def _prepare_all(
+    ctx: _Context, plan: ImportPlan, sink: InstanceSink, collect: Callable[[_Prepared], None]
 ) -> None:
-    existing = sink.exists(planned.sop_instance_uid)
-    if existing is not None:
-        if existing == scanned_sha:
-            _skip(result, planned, SkipReason.ALREADY_PRESENT, "this instance is already stored")
-        else:
-            _skip(
-                result,
-                planned,
-                SkipReason.UID_CONFLICT,
-                "a different instance with the same SOP Instance UID is already stored; "
-                "this one was not imported",
-            )
-        return
-    spool: Path | io.BytesIO | None = None
-    out_path: Path | None = None
+    """Prepare every planned file in the pool and ``collect`` each, in plan order.
+
+    ``sink.exists`` is asked here, in the calling thread, before a file is
+    handed to a worker.  If anything fails, the files written by files not yet
+    collected are removed before the error propagates (the caller removes the
+    others).
+    """
+    pending: deque[Future[_Prepared]] = deque()
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sekisho-pdi") as pool:
+        try:
+            for planned in plan.files:
+                if len(pending) >= _WINDOW:
+                    collect(pending.popleft().result())
+                existing = sink.exists(planned.sop_instance_uid)
+                pending.append(pool.submit(_prepare, ctx, planned, existing))
+            while pending:
+                collect(pending.popleft().result())
+        except BaseException:
+            ctx.halt.set()
+            for future in pending:
+                future.cancel()
+            wait_futures(pending)
+            for future in pending:
+                if not future.cancelled() and future.exception() is None:
+                    future.result().discard()
+            raise
+
+
+def _record(result: ImportResult, item: _Prepared, detections: list[tuple[str, str]]) -> None:
+    """Fold one prepared file into the result, in plan order."""
+    planned = item.planned
+    if item.sha256 is not None:
+        result.media_sha256[planned.path] = item.sha256
+    if item.verdict is not None:
+        result.scans.append(ScanRecord(planned.path, item.verdict))
+        if not item.verdict.clean:
+            detections.append((planned.path, item.verdict.signature or "unknown"))
+    if item.skip is not None:
+        result.skipped.append(
+            SkippedFile(planned.path, planned.sop_instance_uid, item.skip.reason, item.skip.message)
+        )
+        if item.skip.code is not None:
+            result.findings.append(finding(item.skip.code, planned.path))
+    if item.output is not None:
+        result.notes.extend(item.output.notes)
+
+
+def _prepare(ctx: _Context, planned: PlannedFile, existing: str | None) -> _Prepared:
+    """Read, hash, scan and (when it may be imported) rewrite one file.
+
+    Scanner failures (``MediaImportError``) propagate: without a verdict
+    nothing may be imported.  Everything else becomes a skip.
+    """
+    item = _Prepared(planned)
     try:
-        try:
-            sha, spool = _spool(source, planned, settings)
-        except (MediaImportError, OSError) as exc:
-            _skip(result, planned, SkipReason.READ_ERROR, f"read failed ({type(exc).__name__})")
-            return
-        if sha != scanned_sha:
-            _skip(result, planned, SkipReason.MEDIA_CHANGED, "the file changed after the scan")
-            result.findings.append(finding(FindingCode.MEDIA_CHANGED, planned.path))
-            return
-        ds = _load(spool, planned, result)
-        if ds is None:
-            return
-        header_demo = compare_demographics(ds, target)
-        if header_demo and not confirm:
-            _skip(result, planned, SkipReason.DEMOGRAPHICS, "patient demographics differ")
-            return
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        outcome = reconcile_instance(
-            ds,
-            target,
-            importer=importer,
-            station=station,
-            now=now,
-            accession_number=accession_number,
-        )
-        result.notes.extend(outcome.notes)
-        _replace_file_meta(ds, transfer_syntax)
-        out_path = _write(ds, settings, planned, result)
-        del ds
-        if out_path is None:
-            return
-        stored_local = _hash_file(out_path, settings.chunk_bytes)
-        meta = InstanceMeta(
-            sop_instance_uid=planned.sop_instance_uid,
-            sop_class_uid=planned.sop_class_uid,
-            study_instance_uid=planned.study_instance_uid,
-            series_instance_uid=planned.series_instance_uid,
-            transfer_syntax_uid=transfer_syntax,
-            patient_id=target.patient_id,
-            issuer_of_patient_id=target.issuer_of_patient_id,
-            source_path=planned.path,
-            source_sha256=sha,
-            sha256=stored_local,
-            size=out_path.stat().st_size,
-        )
-        try:
-            stored = sink.store(out_path, meta)
-        except ConflictError as exc:  # the sink refuses this one instance (R-PDI-4)
-            _skip(result, planned, SkipReason.UID_CONFLICT, exc.message)
-            return
-        result.imported.append(
-            ImportedInstance(
-                planned.path,
-                planned.sop_instance_uid,
-                planned.study_instance_uid,
-                planned.series_instance_uid,
-                sha,
-                stored,
-            )
-        )
+        data = _read(ctx, planned)
+    except _Skip as skip:
+        item.skip = skip
+        return item
+    try:
+        item.sha256, item.verdict = _scan(ctx, planned, data)
+        if not item.verdict.clean:
+            return item
+        _check_identity(planned, item.sha256, existing)
+        if not ctx.halt.is_set():
+            item.output = rewrite_instance(data, planned, ctx.job)
+    except _Skip as skip:
+        item.skip = skip
+    except RewriteRefused as refused:
+        item.skip = _Skip(refused.reason, refused.message)
     finally:
-        if isinstance(spool, Path):
-            spool.unlink(missing_ok=True)
-        if out_path is not None:
-            out_path.unlink(missing_ok=True)
+        if isinstance(data, FileSource):
+            data.path.unlink(missing_ok=True)
+    return item
 
 
-def _load(spool: Path | io.BytesIO, planned: PlannedFile, result: ImportResult) -> Dataset | None:
-    """Check the structure and read the full data set (large values deferred)."""
-    try:
-        if isinstance(spool, Path):
-            with open(spool, "rb") as fp:
-                header = parse_file(fp, spool.stat().st_size)
-            ds = dcmread(
-                os.fspath(spool), force=header.form is not FileForm.PART10, defer_size="1 MB"
-            )
-        else:
-            header = parse_file(spool, len(spool.getbuffer()))
-            spool.seek(0)
-            ds = dcmread(spool, force=header.form is not FileForm.PART10)
-    except DicomFileProblem as problem:
-        _skip(result, planned, SkipReason.MALFORMED, problem.detail)
-        return None
-    except Exception as exc:  # pydicom on hostile bytes
-        _skip(result, planned, SkipReason.MALFORMED, f"cannot be parsed ({type(exc).__name__})")
-        return None
-    if header.sop_instance_uid != planned.sop_instance_uid:
-        _skip(result, planned, SkipReason.MEDIA_CHANGED, "the SOP Instance UID changed")
-        return None
-    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = UID(header.transfer_syntax_uid)
-    return ds
+def _read(ctx: _Context, planned: PlannedFile) -> ByteSource:
+    """The whole file, in memory or in a spool file when over the spool threshold."""
+    settings = ctx.settings
+    with ctx.read_lock:
+        try:
+            stream = ctx.source.open(planned.path)
+        except PayloadTooLargeError:
+            raise _Skip(
+                SkipReason.TOO_LARGE, "larger than the per-file limit", FindingCode.FILE_TOO_LARGE
+            ) from None
+        except (MediaImportError, OSError) as exc:
+            raise _Skip(
+                SkipReason.READ_ERROR,
+                f"cannot be opened ({type(exc).__name__})",
+                FindingCode.READ_ERROR,
+            ) from None
+        parts: list[bytes] = []
+        size = 0
+        spool: tuple[int, Path] | None = None
+        try:
+            with stream:
+                while True:
+                    try:
+                        chunk = stream.read(settings.chunk_bytes)
+                    except PayloadTooLargeError:
+                        raise _Skip(
+                            SkipReason.READ_ERROR,
+                            "the file grew beyond the per-file limit while read",
+                            FindingCode.READ_ERROR,
+                        ) from None
+                    except (OSError, MediaImportError) as exc:
+                        raise _Skip(
+                            SkipReason.READ_ERROR,
+                            f"read failed ({type(exc).__name__})",
+                            FindingCode.READ_ERROR,
+                        ) from None
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if spool is None and size > settings.spool_threshold_bytes:
+                        fd, name = tempfile.mkstemp(prefix="sekisho-pdi-in-", dir=settings.work_dir)
+                        spool = (fd, Path(name))
+                        for part in parts:
+                            os.write(fd, part)
+                        parts = []
+                    if spool is not None:
+                        _write_all(spool[0], chunk)
+                    else:
+                        parts.append(chunk)
+        except BaseException:
+            if spool is not None:
+                os.close(spool[0])
+                spool[1].unlink(missing_ok=True)
+            raise
+    if spool is None:
+        return MemorySource(b"".join(parts))
+    os.close(spool[0])
+    return FileSource(spool[1])
 
 
-def _replace_file_meta(ds: Dataset, transfer_syntax: str) -> None:
-    """New File Meta Information for the file Sekisho writes (PS3.10 §7.1)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * PREAMBLE_LENGTH
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
-def _write(
-    ds: Dataset, settings: MediaSettings, planned: PlannedFile, result: ImportResult
-) -> Path | None:
-    fd, name = tempfile.mkstemp(prefix="sekisho-pdi-", suffix=".dcm", dir=settings.work_dir)
-    path = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            dcmwrite(out, ds, enforce_file_format=True)
-    except Exception as exc:  # pydicom cannot encode what it read
-        path.unlink(missing_ok=True)
-        _skip(result, planned, SkipReason.WRITE_ERROR, f"cannot be written ({type(exc).__name__})")
-        return None
-    return path
-
-
-def _hash_file(path: Path, chunk_bytes: int) -> str:
+def _scan(ctx: _Context, planned: PlannedFile, data: ByteSource) -> tuple[str, ScanResult]:
+    """Stream the bytes read through the scanner, hashing them on the way."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fp:
-        while chunk := fp.read(chunk_bytes):
+
+    def chunks() -> Iterator[bytes]:
+        for chunk in data.chunks(0, data.size):
             digest.update(chunk)
-    return digest.hexdigest()
+            yield chunk
+
+    stream = chunks()
+    verdict = ctx.scanner.scan_stream(planned.path, stream)
+    for _ in stream:  # a scanner that stopped early: finish the hash
+        pass
+    return digest.hexdigest(), verdict
+
+
+def _check_identity(planned: PlannedFile, sha: str, existing: str | None) -> None:
+    """Refuse a file that changed since inspection, or whose UID is already stored."""
+    if planned.expected_sha256 is not None and planned.expected_sha256 != sha:
+        raise _Skip(
+            SkipReason.MEDIA_CHANGED,
+            "the file changed after inspection",
+            FindingCode.MEDIA_CHANGED,
+        )
+    if existing is None:
+        return
+    if existing == sha:
+        raise _Skip(SkipReason.ALREADY_PRESENT, "this instance is already stored")
+    raise _Skip(
+        SkipReason.UID_CONFLICT,
+        "a different instance with the same SOP Instance UID is already stored; "
+        "this one was not imported",
+    )
+
+
+def _store(item: _Prepared, target: LocalPatient, sink: InstanceSink, result: ImportResult) -> None:
+    """Hand one written file to the sink (the sink may move it)."""
+    planned, output = item.planned, item.output
+    assert output is not None and item.sha256 is not None
+    meta = InstanceMeta(
+        sop_instance_uid=planned.sop_instance_uid,
+        sop_class_uid=planned.sop_class_uid,
+        study_instance_uid=planned.study_instance_uid,
+        series_instance_uid=planned.series_instance_uid,
+        transfer_syntax_uid=output.transfer_syntax_uid,
+        patient_id=target.patient_id,
+        issuer_of_patient_id=target.issuer_of_patient_id,
+        source_path=planned.path,
+        source_sha256=item.sha256,
+        sha256=output.sha256,
+        size=output.size,
+    )
+    try:
+        stored = sink.store(output.path, meta)
+    except ConflictError as exc:  # the sink refuses this one instance (R-PDI-4)
+        result.skipped.append(
+            SkippedFile(
+                planned.path, planned.sop_instance_uid, SkipReason.UID_CONFLICT, exc.message
+            )
+        )
+        return
+    finally:
+        item.discard()
+    result.imported.append(
+        ImportedInstance(
+            planned.path,
+            planned.sop_instance_uid,
+            planned.study_instance_uid,
+            planned.series_instance_uid,
+            item.sha256,
+            stored,
+        )
+    )

@@ -81,8 +81,8 @@ class ByteSource(Protocol):
         """Bytes ``[start, end)``."""
         ...
 
-    def chunks(self, start: int, end: int) -> Iterator[bytes | memoryview]:
-        """Bytes ``[start, end)`` in pieces of at most about 1 MiB, without copying if possible."""
+    def chunks(self, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` in pieces of at most 1 MiB."""
         ...
 
     def stream(self) -> BinaryIO:
@@ -100,13 +100,9 @@ class MemorySource:
     def read(self, start: int, end: int) -> bytes:
         return self.data[start:end]
 
-    def chunks(self, start: int, end: int) -> Iterator[bytes | memoryview]:
-        view = memoryview(self.data)
-        try:
-            for pos in range(start, end, _COPY_BYTES):
-                yield view[pos : min(end, pos + _COPY_BYTES)]
-        finally:
-            view.release()
+    def chunks(self, start: int, end: int) -> Iterator[bytes]:
+        for pos in range(start, end, _COPY_BYTES):
+            yield self.data[pos : min(end, pos + _COPY_BYTES)]  # the whole file: no copy
 
     def stream(self) -> BinaryIO:
         return io.BytesIO(self.data)
@@ -123,7 +119,7 @@ class FileSource:
         with open(self.path, "rb") as fh:
             return os.pread(fh.fileno(), end - start, start)
 
-    def chunks(self, start: int, end: int) -> Iterator[bytes | memoryview]:
+    def chunks(self, start: int, end: int) -> Iterator[bytes]:
         with open(self.path, "rb") as fh:
             pos = start
             while pos < end:

@@ -99,6 +99,16 @@ def index_instance(path: Path) -> InstanceIndex:
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInputError(f"malformed DICOM data: {type(exc).__name__}") from exc
     _check_complete(path, ds)
+    return index_dataset(ds)
+
+
+def index_dataset(ds: Dataset) -> InstanceIndex:
+    """The index attributes of a parsed Part 10 data set (file meta included), validated.
+
+    ``index_instance`` calls it once the file is known to be complete; the
+    DIMSE receiver calls it on the data set's leading bytes while the rest
+    is still arriving (``gateway.dimse.ingest``).
+    """
     meta = ds.file_meta
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not ts:
