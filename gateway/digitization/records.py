@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from pki.errors import ConflictError, InvalidInputError, NotFoundError, StoreError
+from gateway.sqlitedb import SqliteDatabase
+from pki.errors import InvalidInputError, NotFoundError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS film_receipts (
@@ -196,47 +194,14 @@ class SignedRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class DigitizationRecords:
+class DigitizationRecords(SqliteDatabase):
     """Access to the digitization tables (synchronous; call from worker threads)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        with self._conn() as conn:
-            conn.executescript(SCHEMA)
+    SCHEMA = SCHEMA
+    LABEL = "digitization record database"
+    INTEGRITY_IS_CONFLICT = True
+    FOREIGN_KEYS = True
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        try:
-            yield self._connection()
-        except sqlite3.IntegrityError as exc:
-            raise ConflictError(f"digitization record conflict: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"digitization database error: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     # -- receipts -------------------------------------------------------------
     def add_receipt(self, receipt: FilmReceipt) -> FilmReceipt:

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from gateway.forward.destinations import RetrySettings
@@ -46,7 +44,7 @@ from gateway.forward.model import (
     job_from_row,
     utcnow,
 )
-from pki.errors import StoreError
+from gateway.sqlitedb import SqliteDatabase
 
 __all__ = [
     "STATES",
@@ -67,46 +65,18 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class ForwardQueue:
+class ForwardQueue(SqliteDatabase):
     """Synchronous, thread-safe access to the queue tables (call from worker threads)."""
 
+    SCHEMA = SCHEMA
+    LABEL = "forwarding queue database"
+    INTEGRITY_IS_CONFLICT = False
+    FOREIGN_KEYS = False
+
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         self.clock = clock
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        with self._conn() as conn:
-            conn.executescript(SCHEMA)
+        super().__init__(path)
 
-    # -- connections ---------------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        try:
-            yield self._connection()
-        except sqlite3.Error as exc:
-            raise StoreError(f"forwarding queue database error: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock, self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     # -- enqueue -------------------------------------------------------------
     def enqueue(

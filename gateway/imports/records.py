@@ -23,16 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+from gateway.sqlitedb import SqliteDatabase
 from media.import_result import InstanceMeta
-from pki.errors import ConflictError, InvalidInputError, NotFoundError, StoreError
+from pki.errors import ConflictError, InvalidInputError, NotFoundError
 
 STATUSES = ("importing", "saved", "finalized", "stopped")
 
@@ -199,52 +197,14 @@ _COLUMNS = (
 )
 
 
-class ImportRecords:
+class ImportRecords(SqliteDatabase):
     """Thread-safe access to the import record tables (own SQLite connection per thread)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        with self._conn() as conn:
-            conn.executescript(SCHEMA)
+    SCHEMA = SCHEMA
+    LABEL = "import record database"
+    INTEGRITY_IS_CONFLICT = True
+    FOREIGN_KEYS = False
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        try:
-            yield self._connection()
-        except sqlite3.IntegrityError as exc:
-            raise ConflictError(f"import record refused: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"import record database error: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock, self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
     # -- writing -------------------------------------------------------------
     def begin(self, header: RecordHeader, *, now: datetime | None = None) -> int:
