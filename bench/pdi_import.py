@@ -17,6 +17,10 @@ run; it reports, it does not assert).  It
 4. repeats 3 with a medium a tenth the size, to show whether memory stays flat
    as the medium grows.
 
+With ``--repeat N`` steps 2 and 3 run N times per medium (a fresh instance
+each time, peer and import alternating) and the summary gives the median
+ratio with its range: on a shared machine one pair can be off by a factor.
+
 Target: import time <= 2x the peer.  Run from the repository root::
 
     python bench/pdi_import.py --quick      # 100 instances (+ 10 for the flatness check)
@@ -31,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,6 +190,7 @@ def main() -> int:
     parser.add_argument("--clamd", help="clamd socket (default: Debian's, if it answers)")
     parser.add_argument("--no-fsync", action="store_true", help="store.fsync = false")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--repeat", type=int, default=1, help="peer/import pairs per medium")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "MEDIUM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -205,12 +211,13 @@ def main() -> int:
                 f"medium of {n} instances, {size / 2**20:.0f} MiB, written with DICOMDIR "
                 f"in {time.perf_counter() - t:.1f}s"
             )
-            peer = peer_seconds(medium, work)
-            config = new_instance(work, f"sekisho-{n}", socket, not args.no_fsync)
-            got = run_import(config, medium)
-            if got["instances"] != n:
-                raise SystemExit(f"imported {got['instances']} of {n} instances")
-            results.append((n, size, peer, got))
+            for r in range(max(1, args.repeat)):
+                peer = peer_seconds(medium, work)
+                config = new_instance(work, f"sekisho-{n}-{r}", socket, not args.no_fsync)
+                got = run_import(config, medium)
+                if got["instances"] != n:
+                    raise SystemExit(f"imported {got['instances']} of {n} instances")
+                results.append((n, size, peer, got))
         print()
         print(
             f"scanner: {'clamd at ' + socket if socket else 'none (NullScanner)'}; "
@@ -227,11 +234,13 @@ def main() -> int:
                 f"{got['in_process']:>12.2f} {got['wall'] / peer:>6.2f} "
                 f"{size / 1e6 / got['wall']:>7.1f} {got['vmhwm_mib']:>13.1f}"
             )
-        (n, _s, peer, got) = results[-1]
+        ratios = sorted(g["wall"] / p for m, _s, p, g in results if m == count)
+        spread = f" (range {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+        rss = {m: max(g["vmhwm_mib"] for k, _s, _p, g in results if k == m) for m in (small, count)}
         print(
-            f"\nimport / (cp -r + sha256sum) = {got['wall'] / peer:.2f}x (target <= 2x); "
-            f"peak RSS {results[0][3]['vmhwm_mib']:.0f} MiB at {results[0][0]} instances, "
-            f"{got['vmhwm_mib']:.0f} MiB at {n}"
+            f"\nimport / (cp -r + sha256sum) = {statistics.median(ratios):.2f}x{spread} "
+            f"(target <= 2x); peak RSS {rss[small]:.0f} MiB at {small} instances, "
+            f"{rss[count]:.0f} MiB at {count}"
         )
     finally:
         if args.keep:

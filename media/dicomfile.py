@@ -37,7 +37,7 @@ from .conformance import classify_content
 PREAMBLE_LENGTH = 128
 MAGIC = b"DICM"
 
-_LONG_VRS = frozenset(
+LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )  # PS3.5 Table 7.1-1: 2 reserved bytes and a 4-byte length
 _UNDEFINED = 0xFFFFFFFF
@@ -223,7 +223,7 @@ class _Walker:
                 # tolerates it (config.assume_implicit_vr_switch), so do we.
                 self.fp.seek(self.fp.tell() - 2)
                 explicit = False
-        if explicit and vr not in _LONG_VRS:
+        if explicit and vr not in LONG_VRS:
             (length,) = struct.unpack(self.endian + "H", self._read(2, "a length"))
         else:
             if explicit:

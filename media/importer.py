@@ -38,6 +38,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from pki.errors import (
     ConflictError,
@@ -229,19 +230,20 @@ def _prepare_all(
 ) -> None:
     """Prepare every planned file in the pool and ``collect`` each, in plan order.
 
-    ``sink.exists`` is asked here, in the calling thread, before a file is
-    handed to a worker.  If anything fails, the files written by files not yet
+    ``sink.exists`` is asked for every file first, in the calling thread (the
+    sink need not be thread-safe; nothing is stored before the prepare step
+    ends anyway).  If anything fails, the files written by files not yet
     collected are removed before the error propagates (the caller removes the
     others).
     """
+    existing = [sink.exists(planned.sop_instance_uid) for planned in plan.files]
     pending: deque[Future[_Prepared]] = deque()
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sekisho-pdi") as pool:
         try:
-            for planned in plan.files:
+            for planned, stored_sha in zip(plan.files, existing, strict=True):
                 if len(pending) >= _WINDOW:
                     collect(pending.popleft().result())
-                existing = sink.exists(planned.sop_instance_uid)
-                pending.append(pool.submit(_prepare, ctx, planned, existing))
+                pending.append(pool.submit(_prepare, ctx, planned, stored_sha))
             while pending:
                 collect(pending.popleft().result())
         except BaseException:
@@ -305,7 +307,6 @@ def _prepare(ctx: _Context, planned: PlannedFile, existing: str | None) -> _Prep
 
 def _read(ctx: _Context, planned: PlannedFile) -> ByteSource:
     """The whole file, in memory or in a spool file when over the spool threshold."""
-    settings = ctx.settings
     with ctx.read_lock:
         try:
             stream = ctx.source.open(planned.path)
@@ -319,48 +320,52 @@ def _read(ctx: _Context, planned: PlannedFile) -> ByteSource:
                 f"cannot be opened ({type(exc).__name__})",
                 FindingCode.READ_ERROR,
             ) from None
-        parts: list[bytes] = []
-        size = 0
-        spool: tuple[int, Path] | None = None
-        try:
-            with stream:
-                while True:
-                    try:
-                        chunk = stream.read(settings.chunk_bytes)
-                    except PayloadTooLargeError:
-                        raise _Skip(
-                            SkipReason.READ_ERROR,
-                            "the file grew beyond the per-file limit while read",
-                            FindingCode.READ_ERROR,
-                        ) from None
-                    except (OSError, MediaImportError) as exc:
-                        raise _Skip(
-                            SkipReason.READ_ERROR,
-                            f"read failed ({type(exc).__name__})",
-                            FindingCode.READ_ERROR,
-                        ) from None
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if spool is None and size > settings.spool_threshold_bytes:
-                        fd, name = tempfile.mkstemp(prefix="sekisho-pdi-in-", dir=settings.work_dir)
-                        spool = (fd, Path(name))
-                        for part in parts:
-                            os.write(fd, part)
-                        parts = []
-                    if spool is not None:
-                        _write_all(spool[0], chunk)
-                    else:
-                        parts.append(chunk)
-        except BaseException:
+        with stream:
+            return _drain(stream, ctx.settings)
+
+
+def _drain(stream: BinaryIO, settings: MediaSettings) -> ByteSource:
+    parts: list[bytes] = []
+    size = 0
+    spool: tuple[int, Path] | None = None
+    try:
+        while chunk := _next_chunk(stream, settings.chunk_bytes):
+            size += len(chunk)
+            if spool is None and size > settings.spool_threshold_bytes:
+                fd, name = tempfile.mkstemp(prefix="sekisho-pdi-in-", dir=settings.work_dir)
+                spool = (fd, Path(name))
+                for part in parts:
+                    _write_all(fd, part)
+                parts = []
             if spool is not None:
-                os.close(spool[0])
-                spool[1].unlink(missing_ok=True)
-            raise
+                _write_all(spool[0], chunk)
+            else:
+                parts.append(chunk)
+    except BaseException:
+        if spool is not None:
+            os.close(spool[0])
+            spool[1].unlink(missing_ok=True)
+        raise
     if spool is None:
         return MemorySource(b"".join(parts))
     os.close(spool[0])
     return FileSource(spool[1])
+
+
+def _next_chunk(stream: BinaryIO, chunk_bytes: int) -> bytes:
+    """The next chunk (empty at the end); read problems skip the file."""
+    try:
+        return stream.read(chunk_bytes)
+    except PayloadTooLargeError:
+        raise _Skip(
+            SkipReason.READ_ERROR,
+            "the file grew beyond the per-file limit while read",
+            FindingCode.READ_ERROR,
+        ) from None
+    except (OSError, MediaImportError) as exc:
+        raise _Skip(
+            SkipReason.READ_ERROR, f"read failed ({type(exc).__name__})", FindingCode.READ_ERROR
+        ) from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

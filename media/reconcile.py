@@ -73,6 +73,21 @@ ISSUER_OF_ACCESSION = 0x00080051
 INSTITUTION_NAME = 0x00080080
 INSTANCE_ORIGIN_STATUS = 0x04000600
 SOURCE_OF_PREVIOUS = BaseTag(0x04000564)
+SPECIFIC_CHARACTER_SET = 0x00080005
+OTHER_PATIENT_IDS = 0x00101002
+ORIGINAL_ATTRIBUTES = 0x04000561
+CONTRIBUTING_EQUIPMENT = 0x0018A001
+
+#: Every top-level attribute that :func:`reconcile_instance` and
+#: :func:`compare_demographics` read or write.  Their outcome for a data set
+#: depends on these elements alone, so the importer hands them only these
+#: (see :mod:`media.splice`) and reuses the outcome for every instance whose
+#: elements are byte-identical.  Keep this in step with the code below.
+RECONCILED_TAGS = frozenset({
+    SPECIFIC_CHARACTER_SET, ACCESSION_NUMBER, ISSUER_OF_ACCESSION, INSTITUTION_NAME, PATIENT_NAME,
+    PATIENT_ID, ISSUER_OF_PATIENT_ID, ISSUER_QUALIFIERS, BIRTH_DATE, SEX, OTHER_PATIENT_IDS,
+    CONTRIBUTING_EQUIPMENT, ORIGINAL_ATTRIBUTES, INSTANCE_ORIGIN_STATUS,
+})  # fmt: skip
 
 #: CID 7005 Contributing Equipment Purposes of Reference.
 MEDIM = ("MEDIM", "DCM", "Portable Media Importer Equipment")

@@ -9,7 +9,9 @@ preamble (PS3.10 §7.1; this also disarms PE/DICOM polyglots).  The SHA-256 of
 the written file is computed while it is written.
 
 The file is normally written by splicing (:mod:`media.splice`): untouched
-elements, pixel data included, are copied byte for byte.  Files the splice
+elements, pixel data included, are copied byte for byte, and the coercion
+computed for the first instance of a series serves the others whose
+reconciled elements are byte-identical (:class:`PatchCache`).  Files the splice
 writer does not handle -- deflated data sets (PS3.5 §A.5), unknown transfer
 syntaxes, duplicate tags and other oddities -- are read completely and
 rewritten by pydicom, as every file was before the splice writer existed.
@@ -23,13 +25,14 @@ import hashlib
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import UID
 
 from .dicomfile import (
     PREAMBLE_LENGTH,
@@ -40,23 +43,36 @@ from .dicomfile import (
     parse_layout,
 )
 from .import_result import SkipReason
-from .reconcile import LocalPatient, Operator, compare_demographics, reconcile_instance
+from .reconcile import (
+    RECONCILED_TAGS,
+    LocalPatient,
+    Operator,
+    compare_demographics,
+    reconcile_instance,
+)
 from .selection import PlannedFile
 from .settings import StationInfo
 from .splice import (
+    IMPLEMENTATION_VERSION_NAME,
     ByteSource,
+    FileMetaTemplates,
     FileSource,
     HashingWriter,
     MemorySource,
+    Patch,
     SpliceUnsupported,
+    apply_patch,
     can_splice,
-    plan_splice,
+    diff_head,
+    head_bytes,
+    new_file_meta,
     read_head,
     write_spliced,
 )
 
-IMPLEMENTATION_VERSION_NAME = "SEKISHO_PDI"
 _HASH_CHUNK = 1024 * 1024
+#: Larger sets of reconciled elements are not cached (the cache stays small).
+_CACHEABLE_BYTES = 16 * 1024
 
 
 class RewriteRefused(Exception):
@@ -80,6 +96,10 @@ class Reconciliation:
     confirm_mismatch: bool
     #: Where the written files go (the sink's temporary folder).
     work_dir: Path | None
+    #: Outcomes shared by the instances of this import (see :class:`PatchCache`).
+    cache: PatchCache = field(default_factory=lambda: PatchCache())
+    #: File Meta Information encodings shared by the instances of this import.
+    metas: FileMetaTemplates = field(default_factory=FileMetaTemplates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,45 +158,66 @@ def _reconcile(ds: Dataset, job: Reconciliation) -> tuple[str, ...]:
     return tuple(outcome.notes)
 
 
-def new_file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
-) -> FileMetaDataset:
-    """File Meta Information for the file Sekisho writes (PS3.10 §7.1, Table 7.1-1)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    return meta
-
-
 def _output(job: Reconciliation) -> tuple[int, Path]:
     fd, name = tempfile.mkstemp(prefix="sekisho-pdi-", suffix=".dcm", dir=job.work_dir)
     return fd, Path(name)
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """Reconciliation of one set of reconciled elements: a patch, or a refusal."""
+
+    patch: Patch | None
+    notes: tuple[str, ...] = ()
+    refusal: tuple[SkipReason, str] | None = None
+
+
+class PatchCache:
+    """Reconciliation outcomes by the bytes of the elements reconciled (thread-safe).
+
+    Instances of one series normally carry byte-identical patient, accession
+    and equipment elements, and reconciliation depends on nothing else
+    (``media.reconcile.RECONCILED_TAGS``), so the outcome computed for the
+    first instance serves the others.  The cache is bounded in entries and in
+    the size of each key, so memory stays flat.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._entries: dict[tuple[bool, bool, bytes], _Outcome] = {}
+        self._lock = threading.Lock()
+        self._max = max_entries
+
+    def get(self, key: tuple[bool, bool, bytes]) -> _Outcome | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: tuple[bool, bool, bytes], outcome: _Outcome) -> None:
+        if len(key[2]) > _CACHEABLE_BYTES:
+            return  # unusually large patient elements: not worth keeping
+        with self._lock:
+            if len(self._entries) >= self._max:
+                self._entries.clear()
+            self._entries[key] = outcome
+
+
 def _splice(
     source: ByteSource, header: HeaderInfo, spans: list[ElementSpan], job: Reconciliation
 ) -> Rewritten:
+    blob, tags = head_bytes(source, spans, RECONCILED_TAGS)
+    key = (header.implicit_vr, header.little_endian, blob)
+    outcome = job.cache.get(key)
+    if outcome is None:
+        outcome = _reconcile_head(blob, tags, header, job)
+        job.cache.put(key, outcome)
+    if outcome.refusal is not None:
+        raise RewriteRefused(*outcome.refusal)
+    assert outcome.patch is not None
+    pieces = apply_patch(spans, outcome.patch)
     try:
-        head = read_head(
-            source, spans, implicit_vr=header.implicit_vr, little_endian=header.little_endian
+        meta = job.metas.encode(
+            header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid
         )
-    except SpliceUnsupported:
-        raise
-    except Exception as exc:  # pydicom on hostile bytes
-        raise RewriteRefused(
-            SkipReason.MALFORMED, f"cannot be parsed ({type(exc).__name__})"
-        ) from None
-    notes = _reconcile(head.dataset, job)
-    try:
-        pieces = plan_splice(head)
-        sop_class = str(head.dataset.get("SOPClassUID", "") or header.sop_class_uid)
-        meta = new_file_meta(sop_class, header.sop_instance_uid, header.transfer_syntax_uid)
-    except SpliceUnsupported:
-        raise
-    except Exception as exc:  # pydicom cannot encode a coerced value
+    except Exception as exc:  # a UID pydicom refuses
         raise RewriteRefused(
             SkipReason.WRITE_ERROR, f"cannot be written ({type(exc).__name__})"
         ) from None
@@ -193,7 +234,33 @@ def _splice(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return Rewritten(path, out.sha256, out.size, header.transfer_syntax_uid, notes, True)
+    return Rewritten(path, out.sha256, out.size, header.transfer_syntax_uid, outcome.notes, True)
+
+
+def _reconcile_head(
+    blob: bytes, tags: frozenset[int], header: HeaderInfo, job: Reconciliation
+) -> _Outcome:
+    """Reconcile the elements in ``blob`` and diff the result (see :mod:`media.splice`)."""
+    try:
+        head = read_head(
+            blob, tags, implicit_vr=header.implicit_vr, little_endian=header.little_endian
+        )
+    except SpliceUnsupported:
+        raise
+    except Exception as exc:  # pydicom on hostile bytes
+        raise RewriteRefused(
+            SkipReason.MALFORMED, f"cannot be parsed ({type(exc).__name__})"
+        ) from None
+    try:
+        notes = _reconcile(head.dataset, job)
+    except RewriteRefused as refused:
+        return _Outcome(None, refusal=(refused.reason, refused.message))
+    try:
+        return _Outcome(diff_head(head), notes)
+    except Exception as exc:  # pydicom cannot encode a coerced value
+        raise RewriteRefused(
+            SkipReason.WRITE_ERROR, f"cannot be written ({type(exc).__name__})"
+        ) from None
 
 
 def _rewrite_with_pydicom(source: ByteSource, header: HeaderInfo, job: Reconciliation) -> Rewritten:
@@ -251,6 +318,7 @@ def _hash_file(path: Path) -> tuple[str, int]:
 __all__ = [
     "IMPLEMENTATION_VERSION_NAME",
     "MemorySource",
+    "PatchCache",
     "Reconciliation",
     "RewriteRefused",
     "Rewritten",

@@ -258,3 +258,102 @@ def test_result_carries_inspection_findings_and_refuses_bad_accession_early(
     assert sink.store_calls == 0
     _plan, result = do_import(root, settings, sink)
     assert "AUTORUN" in {f.code.value for f in result.findings}
+
+
+class _CountingSource:
+    """A medium that counts how often each file is opened."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.opens: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def open(self, path: str) -> object:
+        self.opens[path] = self.opens.get(path, 0) + 1
+        return self.inner.open(path)  # type: ignore[attr-defined]
+
+
+def test_each_selected_file_is_read_from_the_medium_once(
+    suzuki_medium: Path, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path / "work")
+    sink = FakeSink(settings.work_dir)
+    with open_source(suzuki_medium, settings) as src:
+        report = inspect_media(src, settings)
+        plan = plan_import(report, Selection.parse(["1"]))
+        counting = _CountingSource(src)
+        result = run_import(
+            counting, plan, SUZUKI_LOCAL, OPERATOR, settings.station, settings,  # type: ignore[arg-type]
+            NullScanner(), sink, now=NOW,
+        )  # fmt: skip
+    assert len(result.imported) == 5
+    assert counting.opens == {f.path: 1 for f in plan.files}
+    assert len(result.scans) == 5 and all(s.result.clean for s in result.scans)
+
+
+class _FailingScanner:
+    """Answers for two files, then fails like an unreachable daemon."""
+
+    performs_scan = True
+    engine = "failing"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def scan_stream(self, name: str, chunks: object) -> object:
+        from media.scanner import ScanResult
+        from pki.errors import MediaImportError
+
+        for _ in chunks:  # type: ignore[attr-defined]
+            pass
+        self.calls += 1
+        if self.calls > 2:
+            raise MediaImportError("the malware scanner cannot be reached")
+        return ScanResult(clean=True, signature=None, engine=self.engine)
+
+
+def test_scanner_failure_midway_stores_nothing_and_leaves_no_file(
+    suzuki_medium: Path, tmp_path: Path
+) -> None:
+    from pki.errors import MediaImportError
+
+    work = tmp_path / "work"
+    settings = MediaSettings(work_dir=settings_for(work).work_dir)
+    sink = FakeSink(work)
+    with open_source(suzuki_medium, settings) as src:
+        report = inspect_media(src, settings)
+        plan = plan_import(report, Selection.parse(["1"]))
+        with pytest.raises(MediaImportError, match="cannot be reached"):
+            run_import(src, plan, SUZUKI_LOCAL, OPERATOR, settings.station, settings,
+                       _FailingScanner(), sink, now=NOW)  # type: ignore[arg-type]  # fmt: skip
+    assert sink.store_calls == 0
+    assert list(work.iterdir()) == []
+
+
+def test_iso_image_import_reads_each_file_intact_with_parallel_workers(tmp_path: Path) -> None:
+    """pycdlib shares one file handle: reads must not interleave between workers."""
+    from media_factory import make_iso, run_dcmmkdir
+
+    root = tmp_path / "m"
+    study = StudySpec(DOE_ASCII, [SeriesSpec("CT", 24)])
+    folder = root / "DICOM" / "ST000001" / "SE000001"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for n in range(1, 25):
+        ds = make_instance(study, study.series[0], 1, n)
+        ds.Rows = ds.Columns = 128
+        ds.PixelData = rng.integers(0, 4096, (128, 128), dtype=np.uint16).tobytes()
+        dcmwrite(folder / f"IM{n:06d}", ds, enforce_file_format=True)
+    run_dcmmkdir(root)
+    image = make_iso(root, tmp_path / "medium.iso")
+    settings = settings_for(tmp_path / "work", chunk_bytes=4096)
+    sink = FakeSink(settings.work_dir)
+    _plan, result = do_import(image, settings, sink, target=LocalPatient("H1"))
+    assert len(result.imported) == 24 and not result.skipped
+    for item in result.imported:
+        original = (root / item.path).read_bytes()
+        assert item.source_sha256 == hashlib.sha256(original).hexdigest()
+        stored = dcmread(__import__("io").BytesIO(sink.stored[item.sop_instance_uid]))
+        assert stored.PixelData == dcmread(root / item.path).PixelData

@@ -2,13 +2,21 @@
 
 ``store`` files a reconciled instance as the other ingest paths do (STOW-RS,
 C-STORE): the file is checked as Part 10 and indexed
-(:func:`gateway.store.index.index_instance`), fsynced and renamed to its content
-address (its SHA-256 is the one the importer computed from the closed file in
-this process), and its metadata is committed durably -- in batches, together
-with its attribution to the import record -- before the import is saved.
-The importer writes its temporary files into the store's own ``tmp`` folder
-(same file system, swept at start), so an instance is moved, never copied, and
-nothing from a medium is written anywhere else.
+(:func:`gateway.store.index.index_instance`), made durable and renamed to its
+content address (its SHA-256 is the one the importer computed while writing
+it in this process), and its metadata is committed durably -- in batches,
+together with its attribution to the import record -- before the import is
+saved.  The importer writes its temporary files into the store's own ``tmp``
+folder (same file system, swept at start), so an instance is moved, never
+copied, and nothing from a medium is written anywhere else.
+
+Durability work is batched and overlapped with the importer: ``store`` takes
+the file over (a rename inside ``tmp``) and starts its ``fdatasync`` in a
+background thread; :meth:`GatewaySink.flush` waits for the batch's syncs,
+renames the files to their content addresses, fsyncs their directories once
+per batch, and only then commits the metadata.  So, as before, no metadata
+row ever names a file that is not durably in place, and no file reaches its
+content address before its bytes are on disk.
 
 ``exists`` answers with the SHA-256 of the *original* medium file for an
 instance imported before (the importer compares it with the file it is about
@@ -21,6 +29,8 @@ which the importer reports for that instance and goes on.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +45,11 @@ if TYPE_CHECKING:
     from gateway.service import Gateway
 
 CHUNK = 1024 * 1024
+#: Files synced at the same time: the disk queues them, the importer goes on.
+SYNC_THREADS = 2
+
+#: A stored file waiting for :meth:`GatewaySink.flush`: index, metadata, file, its sync.
+_Pending = tuple[InstanceIndex, InstanceMeta, StagedFile, "Future[None] | None"]
 
 
 class GatewaySink:
@@ -60,7 +75,9 @@ class GatewaySink:
         self.source = f"media-import:{import_id}"
         #: SOP Instance UID -> medium SHA-256, for instances stored by this run.
         self._this_run: dict[str, str] = {}
-        self._pending: list[tuple[InstanceIndex, InstanceMeta, StagedFile]] = []
+        self._pending: list[_Pending] = []
+        #: Background data syncs of the pending files (see :meth:`_stage`).
+        self._syncer: ThreadPoolExecutor | None = None
         #: (study, series) placements accepted in this run, and their patient.
         self._placed: dict[tuple[str, str], tuple[str, str]] = {}
         #: SOP Instance UIDs the store refused at commit time.
@@ -89,24 +106,53 @@ class GatewaySink:
         if (idx.patient_id, idx.issuer) != (meta.patient_id, meta.issuer_of_patient_id):
             raise InvalidInputError("the reconciled file does not carry the local patient ID")
         self._check_placement(idx)
-        staged = self._stage(path, meta)
-        self.gw.files.commit(staged)
-        self._pending.append((idx, meta, staged))
+        staged, synced = self._stage(path, meta)
+        self._pending.append((idx, meta, staged, synced))
         self._this_run[meta.sop_instance_uid] = meta.source_sha256
         if len(self._pending) >= self.batch_size:
             self.flush()
         return staged.sha256
 
     def flush(self) -> None:
-        """Commit the pending metadata in one transaction, then attribute it to the import."""
+        """Make the pending files durable and visible, then commit their metadata at once.
+
+        Order (R-XCH-5): every file's data synced, renamed to its content
+        address, the directories synced, and only then the metadata rows and
+        their attribution to the import committed in one transaction each.
+        """
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        committed = 0
+        try:
+            for _idx, _meta, _staged, synced in batch:
+                if synced is not None:
+                    synced.result()
+            paths = []
+            for _idx, _meta, staged, _synced in batch:
+                paths.append(self.gw.files.commit(staged, sync_dir=False))
+                committed += 1
+            self.gw.files.sync_dirs(paths)
+        except BaseException as exc:
+            for _idx, meta, staged, synced in batch[committed:]:
+                if synced is not None:
+                    wait_futures([synced])
+                staged.path.unlink(missing_ok=True)
+                self._this_run.pop(meta.sop_instance_uid, None)
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"could not store an imported instance file: {exc.strerror}"
+                ) from exc
+            raise
+        finally:
+            if self._syncer is not None:  # the next batch starts its own
+                self._syncer.shutdown(wait=True)
+                self._syncer = None
         outcome = self.gw.store.add_instances(
-            [(idx, staged.sha256, staged.size) for idx, _m, staged in batch], self.source
+            [(idx, staged.sha256, staged.size) for idx, _m, staged, _s in batch], self.source
         )
         kept = []
-        for (_idx, meta, staged), result in zip(batch, outcome, strict=True):
+        for (_idx, meta, staged, _s), result in zip(batch, outcome, strict=True):
             if result == AddResult.CONFLICT:
                 self.late_conflicts.append(meta.sop_instance_uid)
                 self._this_run.pop(meta.sop_instance_uid, None)
@@ -128,16 +174,18 @@ class GatewaySink:
             )
         self._placed[key] = patient
 
-    def _stage(self, path: Path, meta: InstanceMeta) -> StagedFile:
-        """Make the file durable in the store's ``tmp`` (copied in if it is elsewhere).
+    def _stage(self, path: Path, meta: InstanceMeta) -> tuple[StagedFile, Future[None] | None]:
+        """Take the file over in the store's ``tmp`` and start making it durable.
 
         A file in ``tmp`` was written and hashed by the importer in this process
-        after it was closed (``meta.sha256``); it is not read again, only its
-        size is checked and it is fsynced.
+        (``meta.sha256``); it is not read again: it is renamed to a name of the
+        sink's own (the importer removes whatever is left at ``path``), its size
+        is checked and its ``fdatasync`` runs in the background until
+        :meth:`flush`.  A file elsewhere is copied in, hashed and synced now.
         """
         tmp = self.gw.files.tmp
         fsync = self.gw.settings.store.fsync
-        if path.parent.resolve() != tmp.resolve():  # another work dir: copy it in first
+        if path.parent != tmp and path.parent.resolve() != tmp.resolve():  # copy it in first
             writer = self.gw.files.writer(max(meta.size, 1))
             try:
                 with open(path, "rb") as fh:
@@ -150,14 +198,28 @@ class GatewaySink:
             if staged.sha256 != meta.sha256:
                 staged.path.unlink(missing_ok=True)
                 raise StoreError("the reconciled file changed before it was stored")
-            return staged
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return staged, None
+        owned = tmp / f"import-{self.import_id}-{meta.sha256}.part"
         try:
-            size = os.fstat(fd).st_size
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            os.replace(path, owned)
+            size = owned.stat().st_size
+        except OSError as exc:
+            raise StoreError(f"could not stage an imported instance: {exc.strerror}") from exc
         if size != meta.size:
+            owned.unlink(missing_ok=True)
             raise StoreError("the reconciled file changed before it was stored")
-        return StagedFile(path, meta.sha256, size)
+        staged = StagedFile(owned, meta.sha256, size)
+        if not fsync:
+            return staged, None
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="sekisho-sync")
+        return staged, self._syncer.submit(_fdatasync, owned)
+
+
+def _fdatasync(path: Path) -> None:
+    """Flush a file's data (and size) to disk, as the store's own writer does."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
