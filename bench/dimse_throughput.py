@@ -10,11 +10,16 @@ VR Little Endian) is sent by DCMTK ``storescu +tls`` (``TCP_NODELAY=1``) into
   response, so an acknowledged instance survives power loss; R-XCH-4/5),
 
 in the same run, with the same maximum PDU (131072 bytes, DCMTK's largest).
-It prints instances/s, MB/s, the ratio Sekisho/storescp (target >= 0.8 for
-the like-for-like case) and Sekisho's peak RSS (``VmHWM`` from
+Each of ``--rounds`` rounds sends a freshly generated study (new UIDs, so
+Sekisho stores every instance again) to the three receivers in turn, each
+send after ``sync`` so that no receiver pays for the write-back of another's
+files.  It prints per round and as medians: instances/s, MB/s, server CPU
+time per instance, the ratio Sekisho/storescp (target >= 0.8 for the
+like-for-like case) and Sekisho's peak RSS (``VmHWM`` from
 ``/proc/PID/status``), which must stay flat: data sets stream to disk.
 
-Usage: ``python bench/dimse_throughput.py [--quick] [--instances N] [--size 512]``.
+Usage: ``python bench/dimse_throughput.py [--quick] [--instances N] [--size 512]
+[--rounds 3]``.
 
 Forwarding throughput (Sekisho -> Orthanc over DICOM TLS) belongs to the
 outbound side (``gateway.forward``): :func:`measure_forwarding_to_orthanc` is
@@ -27,12 +32,14 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmwrite
@@ -51,6 +58,7 @@ class Result:
     instances: int
     nbytes: int
     peak_rss_kib: int | None = None
+    cpu_per_instance: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -131,7 +139,41 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
-def run_storescp(work: Path, pki: Path, files: Path, count: int, nbytes: int) -> Result:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Receiver:
+    """A running C-STORE SCP over TLS that the study is sent to."""
+
+    name: str
+    called_ae: str
+    port: int
+    pki: Path
+    proc: subprocess.Popen[bytes]
+    log: Any = None
+
+    def send(self, files: Path, count: int, nbytes: int) -> Result:
+        os.sync()  # nobody pays for the previous receiver's write-back
+        cpu = cpu_seconds(self.proc.pid)
+        seconds = storescu(self.pki, self.port, "PARTNER_A", self.called_ae, files)
+        result = Result(self.name, seconds, count, nbytes, peak_rss_kib(self.proc.pid))
+        result.cpu_per_instance = (cpu_seconds(self.proc.pid) - cpu) / count
+        return result
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+
+def start_storescp(work: Path, pki: Path) -> Receiver:
     port = free_port()
     out = work / "storescp-out"
     out.mkdir()
@@ -143,16 +185,16 @@ def run_storescp(work: Path, pki: Path, files: Path, count: int, nbytes: int) ->
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "TCP_NODELAY": "1"},
     )
+    receiver = Receiver("storescp +tls +B", "STORESCP", port, pki, proc)
     try:
         wait_port(port)
-        seconds = storescu(pki, port, "PARTNER_A", "STORESCP", files)
-        return Result("storescp +tls +B", seconds, count, nbytes, peak_rss_kib(proc.pid))
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    except BaseException:
+        receiver.stop()
+        raise
+    return receiver
 
 
-def run_sekisho(work: Path, files: Path, count: int, nbytes: int, *, fsync: bool) -> Result:
+def start_sekisho(work: Path, *, fsync: bool) -> Receiver:
     inst = work / f"sekisho-fsync-{fsync}"
     port = free_port()
     sekisho = [sys.executable, "-m", "gateway.cli"]
@@ -163,18 +205,17 @@ def run_sekisho(work: Path, files: Path, count: int, nbytes: int, *, fsync: bool
     config = inst / "sekisho.toml"
     text = config.read_text().replace("fsync = true", f"fsync = {'true' if fsync else 'false'}")
     config.write_text(text.replace('level = "INFO"', 'level = "WARNING"'))
-    log = open(inst / "serve.log", "wb")  # noqa: SIM115 - closed below
+    log = open(inst / "serve.log", "wb")  # noqa: SIM115 - closed by Receiver.stop
     proc = subprocess.Popen([*sekisho, "serve", "--config", str(config)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT)
+    receiver = Receiver(f"Sekisho (fsync={'on' if fsync else 'off'})", "SEKISHO", port,
+                        inst / "pki", proc, log)
     try:
         wait_port(port)
-        seconds = storescu(inst / "pki", port, "PARTNER_A", "SEKISHO", files)
-        rss = peak_rss_kib(proc.pid)
-        return Result(f"Sekisho (fsync={'on' if fsync else 'off'})", seconds, count, nbytes, rss)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    except BaseException:
+        receiver.stop()
+        raise
+    return receiver
 
 
 def measure_forwarding_to_orthanc(work: Path) -> Result | None:
@@ -186,41 +227,72 @@ def measure_forwarding_to_orthanc(work: Path) -> Result | None:
     return None
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 instances of 256x256")
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh study per round; medians")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     count, size = (100, 256) if args.quick else (args.instances, args.size)
     work = Path(tempfile.mkdtemp(prefix="sekisho-bench-dimse-"))
+    receivers: list[Receiver] = []
     try:
-        files = work / "study"
-        nbytes = generate_study(files, count, size)
         # The PKI of the first Sekisho instance serves storescp too (same CA).
-        ref = run_sekisho(work, files, count, nbytes, fsync=False)
-        pki = work / "sekisho-fsync-False" / "pki"
-        scp = run_storescp(work, pki, files, count, nbytes)
-        durable = run_sekisho(work, files, count, nbytes, fsync=True)
+        off = start_sekisho(work, fsync=False)
+        receivers.append(off)
+        scp = start_storescp(work, off.pki)
+        receivers.append(scp)
+        durable = start_sekisho(work, fsync=True)
+        receivers.append(durable)
+        results: dict[str, list[Result]] = {r.name: [] for r in (scp, off, durable)}
+        nbytes = 0
+        for n in range(1, args.rounds + 1):
+            files = work / f"study-{n}"
+            nbytes = generate_study(files, count, size)
+            for receiver in (scp, off, durable):
+                results[receiver.name].append(receiver.send(files, count, nbytes))
+            shutil.rmtree(files)
+            print(f"round {n}: " + ", ".join(
+                f"{name} {rs[-1].per_second:.0f} inst/s" for name, rs in results.items()
+            ) + f"; ratio (fsync off) "
+                f"{results[off.name][-1].per_second / results[scp.name][-1].per_second:.2f}")
         print(f"study: {count} instances of {size}x{size} 16-bit, {nbytes / 1e6:.1f} MB, "
-              f"max PDU {MAX_PDU}, storescu +tls, TCP_NODELAY=1")
-        for r in (scp, ref, durable):
-            rss = f"{r.peak_rss_kib / 1024:.0f} MiB" if r.peak_rss_kib else "?"
-            print(f"  {r.name:24} {r.seconds:7.2f} s  {r.per_second:7.1f} inst/s  "
-                  f"{r.mb_per_second:7.1f} MB/s  peak RSS {rss}")
-        print(f"ratio Sekisho/storescp (fsync off, like for like): "
-              f"{ref.mb_per_second / scp.mb_per_second:.2f}  (target >= 0.8)")
-        print(f"ratio Sekisho/storescp (fsync on, durable):        "
-              f"{durable.mb_per_second / scp.mb_per_second:.2f}")
-        print(f"Sekisho peak RSS (VmHWM): {ref.peak_rss_kib} KiB (fsync off), "
-              f"{durable.peak_rss_kib} KiB (fsync on)")
+              f"max PDU {MAX_PDU}, storescu +tls, TCP_NODELAY=1; medians of {args.rounds} "
+              f"round(s)")
+        for name, rs in results.items():
+            rss = rs[-1].peak_rss_kib
+            print(f"  {name:24} {median([r.seconds for r in rs]):7.2f} s  "
+                  f"{median([r.per_second for r in rs]):7.1f} inst/s  "
+                  f"{median([r.mb_per_second for r in rs]):7.1f} MB/s  "
+                  f"CPU {median([(r.cpu_per_instance or 0) * 1e3 for r in rs]):5.2f} ms/inst  "
+                  f"peak RSS {f'{rss / 1024:.0f} MiB' if rss else '?'}")
+        ratios = {
+            key: [
+                o.per_second / s.per_second
+                for o, s in zip(results[name], results[scp.name], strict=True)
+            ]
+            for key, name in (("off", off.name), ("on", durable.name))
+        }
+        print(f"ratio Sekisho/storescp (fsync off, like for like): {median(ratios['off']):.2f}  "
+              f"(target >= 0.8; rounds: {', '.join(f'{r:.2f}' for r in ratios['off'])})")
+        print(f"ratio Sekisho/storescp (fsync on, durable):        {median(ratios['on']):.2f}  "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in ratios['on'])})")
+        print(f"Sekisho peak RSS (VmHWM): {results[off.name][-1].peak_rss_kib} KiB (fsync off), "
+              f"{results[durable.name][-1].peak_rss_kib} KiB (fsync on)")
         forwarding = measure_forwarding_to_orthanc(work)
         print("forwarding to Orthanc: " + (
             f"{forwarding.mb_per_second:.1f} MB/s" if forwarding
             else "not measured here (gateway.forward hook: measure_forwarding_to_orthanc)"
         ))
     finally:
+        for receiver in receivers:
+            receiver.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0

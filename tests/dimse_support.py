@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -153,31 +155,49 @@ class TlsTunnel:
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
+        """Relay both ways in one thread: an SSL socket must not be read and written at once.
+
+        OpenSSL objects are not thread-safe; with two pump threads, a read that
+        processes a TLS 1.3 post-handshake message while the other thread writes
+        ends in an "internal error" alert now and then.
+        """
         try:
             upstream = self.context.wrap_socket(socket.create_connection(self.target, 10))
         except OSError:
             client.close()
             return
-
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
+        peers = {client: upstream, upstream: client}
+        # Non-blocking reads: a readable socket may carry only a TLS record with no
+        # application data (a session ticket), and a blocked read would stall the
+        # other direction.
+        upstream.setblocking(False)
+        try:
+            while True:
+                ready = [upstream] if upstream.pending() else []
+                if not ready:
+                    ready, _, _ = select.select(list(peers), [], [], 60)
+                    if not ready:
+                        return  # idle for a minute: the tool has gone
+                for src in ready:
                     try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        t = threading.Thread(target=pump, args=(upstream, client), daemon=True)
-        t.start()
-        pump(client, upstream)
-        t.join(30)
-        client.close()
-        upstream.close()
+                        data = src.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        continue
+                    if not data:
+                        return
+                    dst = peers[src]
+                    dst.setblocking(True)
+                    dst.sendall(data)
+                    dst.setblocking(dst is not upstream)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
 
     def close(self) -> None:
         self._closed = True

@@ -115,18 +115,24 @@ class _BufferedSocket(AssociationSocket):
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        got = self.recv_into(memoryview(buf))
+        if got < nr_bytes:  # connection closed: return what arrived, as pynetdicom does
+            del buf[got:]
+        return buf
+
+    def recv_into(self, view: memoryview) -> int:
+        """Fill ``view`` from the socket; returns the bytes read (fewer once the peer closed)."""
         sock = self.socket
         assert sock is not None
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
+        wanted = len(view)
         got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:  # connection closed: return what arrived, as pynetdicom does
-                del view
-                return buf[:got]
+        while got < wanted:
+            n = sock.recv_into(view[got:], wanted - got)
+            if not n:
+                break
             got += n
-        return buf
+        return got
 
 
 class _TlsRequestHandler(RequestHandler):

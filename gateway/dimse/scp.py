@@ -231,6 +231,7 @@ class DimseService:
             while self._active and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.server = None
+        self.storage.close()
         if self._own_loop is not None:
             self._own_loop.call_soon_threadsafe(self._own_loop.stop)
             self._own_loop = None
@@ -266,8 +267,10 @@ class DimseService:
         return assoc
 
     def _finished(self, assoc: Association) -> None:
+        session: Session = assoc.session  # type: ignore[attr-defined]
         try:
-            self.storage.audit_transfers(assoc.session)  # type: ignore[attr-defined]
+            self.storage.close_association(session)
+            self.storage.audit_transfers(session)
         finally:
             with self._lock:
                 self._active.discard(assoc)
