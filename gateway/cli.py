@@ -75,8 +75,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     from gateway.instance import curl_example, init_instance
 
     result = init_instance(
-        Path(args.directory), https_port=args.https_port, dimse_port=args.dimse_port,
-        monitoring_port=args.monitoring_port, force=args.force,
+        Path(args.directory),
+        https_port=args.https_port,
+        dimse_port=args.dimse_port,
+        monitoring_port=args.monitoring_port,
+        force=args.force,
     )
     verb = "created" if result.created else "already exists"
     print(f"instance {verb}: {result.config}")
@@ -169,8 +172,13 @@ def cmd_partner_list(args: argparse.Namespace) -> int:
     finally:
         gw.close()
     if args.json:
-        print(json.dumps([p.__dict__ | {"permissions": sorted(p.permissions)} for p in partners],
-                         indent=2, default=list))
+        print(
+            json.dumps(
+                [p.__dict__ | {"permissions": sorted(p.permissions)} for p in partners],
+                indent=2,
+                default=list,
+            )
+        )
         return 0
     for p in partners:
         print(
@@ -235,10 +243,14 @@ def cmd_consent_grant(args: argparse.Namespace) -> int:
         c = gw.store.grant_consent(
             args.patient_id, args.issuer, kind, scope, args.by or _operator(), args.note
         )
-        gw.audit.record(_consent_event(args, ev.Action.CREATE, f"consent to share with {kind} {scope}"))
+        gw.audit.record(
+            _consent_event(args, ev.Action.CREATE, f"consent to share with {kind} {scope}")
+        )
     finally:
         gw.close()
-    print(f"consent {c.id} recorded: share with {kind} {scope}, by {c.granted_by} at {c.granted_at}")
+    print(
+        f"consent {c.id} recorded: share with {kind} {scope}, by {c.granted_by} at {c.granted_at}"
+    )
     return 0
 
 
@@ -246,10 +258,14 @@ def cmd_consent_revoke(args: argparse.Namespace) -> int:
     kind, scope = _scope(args)
     gw = _open(args)
     try:
-        n = gw.store.revoke_consent(args.patient_id, args.issuer, kind, scope, args.by or _operator())
+        n = gw.store.revoke_consent(
+            args.patient_id, args.issuer, kind, scope, args.by or _operator()
+        )
         if n:
             gw.audit.record(
-                _consent_event(args, ev.Action.UPDATE, f"consent to share with {kind} {scope} revoked")
+                _consent_event(
+                    args, ev.Action.UPDATE, f"consent to share with {kind} {scope} revoked"
+                )
             )
     finally:
         gw.close()
@@ -265,8 +281,10 @@ def cmd_consent_list(args: argparse.Namespace) -> int:
         gw.close()
     for c in rows:
         state = f"revoked by {c.revoked_by} at {c.revoked_at}" if c.revoked_at else "active"
-        print(f"{c.id}: {c.patient_id}^{c.issuer} -> {c.scope_kind} {c.scope_name} "
-              f"(by {c.granted_by} at {c.granted_at}; {state})")
+        print(
+            f"{c.id}: {c.patient_id}^{c.issuer} -> {c.scope_kind} {c.scope_name} "
+            f"(by {c.granted_by} at {c.granted_at}; {state})"
+        )
     return 0
 
 
@@ -343,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", help="configuration file (default: $SEKISHO_CONFIG, ./sekisho.toml)")
+        p.add_argument(
+            "--config", help="configuration file (default: $SEKISHO_CONFIG, ./sekisho.toml)"
+        )
         return p
 
     pki = sub.add_parser("pki", help="certificates and trust anchors").add_subparsers(
@@ -359,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--https-port", type=int, default=8443)
     p.add_argument("--dimse-port", type=int, default=2762)
-    p.add_argument("--monitoring-port", type=int, default=9464, help="0 disables /metrics over HTTP")
+    p.add_argument(
+        "--monitoring-port", type=int, default=9464, help="0 disables /metrics over HTTP"
+    )
     p.add_argument("--force", action="store_true", help="regenerate an existing instance")
     p.set_defaults(func=cmd_init)
 
@@ -376,14 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certificate", required=True, help="partner's client certificate (PEM)")
     p.add_argument("--ae-title", action="append", help="AE title of the partner (repeatable)")
     p.add_argument(
-        "--permission", action="append", choices=["push", "query", "retrieve", "admin"],
+        "--permission",
+        action="append",
+        choices=["push", "query", "retrieve", "admin"],
         help="admin: the forwarding admin API (the hospital's own administration client only)",
     )
     p.add_argument("--network", action="append", help="regional network membership")
     p.add_argument("--allow-address", action="append", help="allowed source address/network")
     p.add_argument("--role", choices=["partner", "external-storage"], default="partner")
     p.add_argument(
-        "--move-destination", action="append", metavar="AE=HOST:PORT",
+        "--move-destination",
+        action="append",
+        metavar="AE=HOST:PORT",
         help="the partner's own DICOM TLS node a C-MOVE may send to (repeatable)",
     )
     p.set_defaults(func=cmd_partner_add)

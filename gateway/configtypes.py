@@ -90,7 +90,9 @@ def convert(tp: Any, value: Any, path: str, base_dir: Path) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise _fail(path, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+            raise _fail(
+                path, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):

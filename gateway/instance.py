@@ -220,7 +220,11 @@ def init_instance(
         for name, role, aes, perms, nets in DEMO_PARTNERS:
             gw.store.add_partner(
                 partner_from_certificate(
-                    name, pki.cert_path(role), ae_titles=aes, permissions=perms, networks=nets,
+                    name,
+                    pki.cert_path(role),
+                    ae_titles=aes,
+                    permissions=perms,
+                    networks=nets,
                     created_by="sekisho init",
                 )
             )

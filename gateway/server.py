@@ -115,7 +115,9 @@ class RunningGateway:
         )
         app = create_app(gw, self.tls.principal_for, base_url)
         self.runner = web.AppRunner(
-            app, handle_signals=False, keepalive_timeout=s.https.idle_timeout_seconds,
+            app,
+            handle_signals=False,
+            keepalive_timeout=s.https.idle_timeout_seconds,
             access_log=None,
         )
         await self.runner.setup()
@@ -162,7 +164,9 @@ class RunningGateway:
         if self.monitoring:
             await self.monitoring.cleanup()
         try:
-            await self.gw.record(ev.application_activity("stop", actor=self.gw.settings.instance.name))
+            await self.gw.record(
+                ev.application_activity("stop", actor=self.gw.settings.instance.name)
+            )
         except Exception:  # noqa: BLE001 - best effort at shutdown
             log.exception("could not audit the application stop")
 

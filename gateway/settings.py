@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from gateway.configtypes import build
+from gateway.digitization.settings import DigitizationSettings, RenewalSettings
 from gateway.forward.destinations import (
     DestinationSettings,
     ForwardSettings,
@@ -23,7 +24,6 @@ from gateway.forward.destinations import (
     RoutingSettings,
     check_forwarding,
 )
-from gateway.digitization.settings import DigitizationSettings, RenewalSettings
 from gateway.imports.config import MediaConfig
 from pki.errors import ConfigurationError
 from pki.peer import RevocationSettings

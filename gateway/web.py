@@ -60,7 +60,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             status=str(status),
         )
         gw.metrics.inc(
-            "sekisho_http_request_seconds_total", time.monotonic() - started,
+            "sekisho_http_request_seconds_total",
+            time.monotonic() - started,
             endpoint=_endpoint(request),
         )
 
@@ -124,6 +125,10 @@ def create_app(
     r.add_get(f"{p}/studies/{{study}}/series/{{series}}/metadata", wado.metadata)
     r.add_get(
         f"{p}/studies/{{study}}/series/{{series}}/instances/{{instance}}/metadata", wado.metadata
+    )
+    r.add_get(
+        f"{p}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulkdata/{{tag}}",
+        wado.bulkdata,
     )
     from gateway.forward import api as forward_api
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from asn1crypto import pem as asn1_pem
-from cryptography import x509
 from asn1crypto import x509 as asn1_x509
+from cryptography import x509
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
 

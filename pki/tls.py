@@ -129,10 +129,16 @@ def handshake_failure_reason(exc: BaseException) -> tuple[str, str]:
             ("not yet valid", "not-yet-valid", "the client certificate is not yet valid"),
             ("revoked", "revoked", "the client certificate has been revoked"),
             # X509_V_ERR_INVALID_PURPOSE: OpenSSL 3 says "unsuitable", 1.x "unsupported".
-            ("unsuitable certificate purpose", "wrong-eku",
-             "the client certificate is not allowed for TLS client authentication (EKU)"),
-            ("unsupported certificate purpose", "wrong-eku",
-             "the client certificate is not allowed for TLS client authentication (EKU)"),
+            (
+                "unsuitable certificate purpose",
+                "wrong-eku",
+                "the client certificate is not allowed for TLS client authentication (EKU)",
+            ),
+            (
+                "unsupported certificate purpose",
+                "wrong-eku",
+                "the client certificate is not allowed for TLS client authentication (EKU)",
+            ),
             ("local issuer", "unknown-ca", "the client certificate was issued by an unknown CA"),
             ("self-signed", "unknown-ca", "the client certificate was issued by an unknown CA"),
             ("self signed", "unknown-ca", "the client certificate was issued by an unknown CA"),
@@ -148,27 +154,52 @@ def handshake_failure_reason(exc: BaseException) -> tuple[str, str]:
         ssl_reason = getattr(exc, "reason", None)
         text = f"{ssl_reason or ''} {exc}".lower()
         table2: Sequence[tuple[str, str, str]] = (
-            ("peer_did_not_return_a_certificate", "no-certificate",
-             "the client did not present a certificate"),
-            ("peer did not return a certificate", "no-certificate",
-             "the client did not present a certificate"),
+            (
+                "peer_did_not_return_a_certificate",
+                "no-certificate",
+                "the client did not present a certificate",
+            ),
+            (
+                "peer did not return a certificate",
+                "no-certificate",
+                "the client did not present a certificate",
+            ),
             ("certificate required", "no-certificate", "the client did not present a certificate"),
-            ("unsupported_protocol", "protocol-version",
-             "the client offered only TLS versions older than allowed"),
-            ("unsupported protocol", "protocol-version",
-             "the client offered only TLS versions older than allowed"),
+            (
+                "unsupported_protocol",
+                "protocol-version",
+                "the client offered only TLS versions older than allowed",
+            ),
+            (
+                "unsupported protocol",
+                "protocol-version",
+                "the client offered only TLS versions older than allowed",
+            ),
             ("wrong_version_number", "not-tls", "the client did not speak TLS"),
             ("wrong version number", "not-tls", "the client did not speak TLS"),
             ("http_request", "not-tls", "the client sent plain HTTP to the TLS port"),
             ("no_shared_cipher", "cipher", "the client offered no allowed cipher suite"),
             ("no shared cipher", "cipher", "the client offered no allowed cipher suite"),
-            ("no_suitable_signature_algorithm", "cipher",
-             "the client offered no allowed signature algorithm"),
-            ("version too low", "protocol-version",
-             "the client offered only TLS versions older than allowed"),
-            ("tlsv1 alert protocol version", "protocol-version",
-             "the client refused the allowed TLS versions"),
-            ("unknown ca", "unknown-server-ca", "the client does not trust the gateway's certificate"),
+            (
+                "no_suitable_signature_algorithm",
+                "cipher",
+                "the client offered no allowed signature algorithm",
+            ),
+            (
+                "version too low",
+                "protocol-version",
+                "the client offered only TLS versions older than allowed",
+            ),
+            (
+                "tlsv1 alert protocol version",
+                "protocol-version",
+                "the client refused the allowed TLS versions",
+            ),
+            (
+                "unknown ca",
+                "unknown-server-ca",
+                "the client does not trust the gateway's certificate",
+            ),
         )
         for needle, reason, words in table2:
             if needle in text:

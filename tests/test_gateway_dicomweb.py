@@ -442,3 +442,25 @@ def test_healthz_and_metrics_reveal_no_patient_data(world: World) -> None:
     log = world.gateway.log()
     for secret in ("P-A1", "YAMADA", "SUZUKI", "山田"):
         assert secret not in log
+
+
+def test_bulk_data_uri_resolves_to_the_stored_pixel_data(world: World) -> None:
+    """A BulkDataURI in /metadata retrieves the element's bytes (PS3.18 10.4.1.1.5)."""
+    import io
+
+    import pydicom
+
+    one = world.a1.instances[0]
+    r = qido(
+        world, f"/studies/{one.study_uid}/series/{one.series_uid}/instances/{one.sop_uid}/metadata"
+    )
+    uri = r.json()[0]["7FE00010"]["BulkDataURI"]
+    path = uri[uri.index("/dicomweb") + len("/dicomweb") :]
+    got = qido(world, path)
+    assert got.status == 200
+    parts = parse_multipart(got.body, got.content_type)
+    assert len(parts) == 1
+    original = pydicom.dcmread(io.BytesIO(one.data))
+    assert parts[0][1] == original.PixelData
+    missing = qido(world, path.replace("7FE00010", "00091001"))
+    assert missing.status == 404

@@ -8,8 +8,8 @@ so an unshared patient never appears, not even as a count.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -52,15 +52,29 @@ _KEYS = {
     "00080018": "sop_uids",
 }
 _KEYWORD_TAGS = {
-    "StudyDate": "00080020", "StudyTime": "00080030", "AccessionNumber": "00080050",
-    "ModalitiesInStudy": "00080061", "ReferringPhysicianName": "00080090",
-    "StudyDescription": "00081030", "PatientName": "00100010", "PatientID": "00100020",
-    "IssuerOfPatientID": "00100021", "PatientBirthDate": "00100030", "PatientSex": "00100040",
-    "StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "Modality": "00080060",
-    "SeriesNumber": "00200011", "SeriesDescription": "0008103E", "SOPInstanceUID": "00080018",
-    "SOPClassUID": "00080016", "InstanceNumber": "00200013",
-    "NumberOfStudyRelatedSeries": "00201206", "NumberOfStudyRelatedInstances": "00201208",
-    "NumberOfSeriesRelatedInstances": "00201209", "RetrieveURL": "00081190",
+    "StudyDate": "00080020",
+    "StudyTime": "00080030",
+    "AccessionNumber": "00080050",
+    "ModalitiesInStudy": "00080061",
+    "ReferringPhysicianName": "00080090",
+    "StudyDescription": "00081030",
+    "PatientName": "00100010",
+    "PatientID": "00100020",
+    "IssuerOfPatientID": "00100021",
+    "PatientBirthDate": "00100030",
+    "PatientSex": "00100040",
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "Modality": "00080060",
+    "SeriesNumber": "00200011",
+    "SeriesDescription": "0008103E",
+    "SOPInstanceUID": "00080018",
+    "SOPClassUID": "00080016",
+    "InstanceNumber": "00200013",
+    "NumberOfStudyRelatedSeries": "00201206",
+    "NumberOfStudyRelatedInstances": "00201208",
+    "NumberOfSeriesRelatedInstances": "00201209",
+    "RetrieveURL": "00081190",
 }
 _IGNORED = {"fuzzymatching", "includefield", "limit", "offset"}
 

@@ -58,7 +58,7 @@ def _check_content_type(request: web.Request) -> None:
     mt = parse_mimetype(request.headers.get("Content-Type", ""))
     if (mt.type, mt.subtype) != ("multipart", "related"):
         raise UnsupportedMediaTypeError(
-            "STOW-RS needs Content-Type multipart/related; type=\"application/dicom\""
+            'STOW-RS needs Content-Type multipart/related; type="application/dicom"'
         )
     part_type = mt.parameters.get("type", "application/dicom").strip('"').lower()
     if part_type != "application/dicom":
@@ -302,4 +302,3 @@ async def stow(request: web.Request) -> web.Response:
     # PS3.18 10.5.3: 200 all stored, 202 some failed, 409 none stored.
     status = 200 if not failed else (202 if referenced else 409)
     return web.json_response(body, status=status, content_type="application/dicom+json")
-

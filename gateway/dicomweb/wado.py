@@ -59,7 +59,9 @@ def _check_accept(request: web.Request, media: str) -> None:
     )
 
 
-async def _visible_instances(request: web.Request) -> tuple[Gateway, Principal, list[StoredInstance]]:
+async def _visible_instances(
+    request: web.Request,
+) -> tuple[Gateway, Principal, list[StoredInstance]]:
     gw: Gateway = request.app["gateway"]
     principal: Principal = request["principal"]
     await require(request, principal, "retrieve")
@@ -138,14 +140,57 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 def _metadata_of(gw: Gateway, inst: StoredInstance, base: str) -> dict[str, Any]:
     with gw.files.open(inst.sha256) as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=4096)
-    url = f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_instance_uid}"
+    url = (
+        f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}"
+        f"/instances/{inst.sop_instance_uid}"
+    )
 
     def bulk(elem: Any) -> str:
         return f"{url}/bulkdata/{elem.tag:08X}"
 
     out = ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=bulk)
-    out["7FE00010"] = {"vr": "OB", "BulkDataURI": url}
+    out["7FE00010"] = {"vr": "OB", "BulkDataURI": f"{url}/bulkdata/7FE00010"}
     return out
+
+
+def _bulk_value(gw: Gateway, inst: StoredInstance, tag: int) -> bytes | None:
+    with gw.files.open(inst.sha256) as fh:
+        ds = pydicom.dcmread(fh, defer_size=4096)
+    elem = ds.get(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    return None
+
+
+async def bulkdata(request: web.Request) -> web.Response:
+    """PS3.18 10.4.1.1.5: a top-level bulk data element of one instance, as stored."""
+    gw, principal, rows = await _visible_instances(request)
+    _check_accept(request, "application/octet-stream")
+    try:
+        tag = int(request.match_info["tag"], 16)
+    except ValueError as exc:
+        raise NotFoundError("no such bulk data") from exc
+    value = await gw.run(_bulk_value, gw, rows[0], tag)
+    if value is None:
+        raise NotFoundError("no such bulk data")
+    await _audit_retrieve(gw, principal, rows, "bulk data retrieved by WADO-RS", accessed=True)
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+        + value
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return web.Response(
+        body=body,
+        headers={
+            "Content-Type": (
+                f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+            )
+        },
+    )
 
 
 async def metadata(request: web.Request) -> web.Response:

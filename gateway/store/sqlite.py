@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
+from gateway.sqlitedb import SqliteDatabase
 from gateway.store.index import InstanceIndex
 from gateway.store.model import (
     AddResult,
@@ -129,44 +127,11 @@ def _date_range(value: str) -> tuple[str, str]:
     return lo or "00000000", hi or "99999999"
 
 
-class SqliteMetadataStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        with self._conn() as conn:
-            conn.executescript(SCHEMA)
+class SqliteMetadataStore(SqliteDatabase):
+    """Patients, studies, series, instances, partners and consent (SQLite)."""
 
-    # -- connections -------------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        try:
-            yield self._connection()
-        except sqlite3.Error as exc:
-            raise StoreError(f"metadata database error: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock, self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    SCHEMA = SCHEMA
+    LABEL = "metadata database"
 
     # -- instances ---------------------------------------------------------
     def add_instances(
@@ -212,8 +177,13 @@ class SqliteMetadataStore:
                     "INSERT OR IGNORE INTO studies (study_uid, patient_pk, study_date, study_time,"
                     " accession, description, referring, charset) VALUES (?,?,?,?,?,?,?,?)",
                     (
-                        idx.study_uid, patient_pk, idx.study_date, idx.study_time,
-                        idx.accession, idx.study_description, idx.referring,
+                        idx.study_uid,
+                        patient_pk,
+                        idx.study_date,
+                        idx.study_time,
+                        idx.accession,
+                        idx.study_description,
+                        idx.referring,
                         idx.specific_character_set,
                     ),
                 )
@@ -221,7 +191,10 @@ class SqliteMetadataStore:
                     "INSERT OR IGNORE INTO series (series_uid, study_uid, modality, series_number,"
                     " description) VALUES (?,?,?,?,?)",
                     (
-                        idx.series_uid, idx.study_uid, idx.modality, idx.series_number,
+                        idx.series_uid,
+                        idx.study_uid,
+                        idx.modality,
+                        idx.series_number,
                         idx.series_description,
                     ),
                 )
@@ -230,8 +203,16 @@ class SqliteMetadataStore:
                     " transfer_syntax, instance_number, sha256, size, received_at, source)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
-                        idx.sop_instance_uid, idx.series_uid, idx.study_uid, idx.sop_class_uid,
-                        idx.transfer_syntax, idx.instance_number, sha, size, now, source,
+                        idx.sop_instance_uid,
+                        idx.series_uid,
+                        idx.study_uid,
+                        idx.sop_class_uid,
+                        idx.transfer_syntax,
+                        idx.instance_number,
+                        sha,
+                        size,
+                        now,
+                        source,
                     ),
                 )
                 results.append(AddResult.STORED)
@@ -275,11 +256,11 @@ class SqliteMetadataStore:
             return "1", []
         marks = ",".join("?" for _ in vis.networks) or "NULL"
         clause = (
-            "EXISTS (SELECT 1 FROM consents c WHERE c.patient_id = {a}.patient_id"
-            " AND c.issuer = {a}.issuer AND c.revoked_at IS NULL AND ("
+            f"EXISTS (SELECT 1 FROM consents c WHERE c.patient_id = {alias}.patient_id"
+            f" AND c.issuer = {alias}.issuer AND c.revoked_at IS NULL AND ("
             "(c.scope_kind = 'partner' AND c.scope_name = ?)"
-            " OR (c.scope_kind = 'network' AND c.scope_name IN ({m}))))"
-        ).format(a=alias, m=marks)
+            f" OR (c.scope_kind = 'network' AND c.scope_name IN ({marks}))))"
+        )
         return clause, [vis.partner, *vis.networks]
 
     @staticmethod
