@@ -35,7 +35,10 @@ from pki.errors import (
 
 log = logging.getLogger("sekisho.stow")
 
-CHUNK = 1024 * 1024
+#: Read size for multipart parts.  aiohttp's part reader returns a chunk only
+#: once this much more body (or its end) has arrived, so this is also how far
+#: a part's completion can lag behind its last byte on a slow upload.
+CHUNK = 128 * 1024
 
 #: Failure reasons (PS3.18 Table 10.5.3-1 and PS3.4 Annex B).
 PROCESSING_FAILURE = 0x0110
