@@ -25,12 +25,12 @@ from pyhanko.sign.timestamps import TimestampRequestError
 from pyhanko.sign.validation import async_validate_detached_cms
 from pyhanko.sign.validation.errors import SignatureValidationError
 
-from pki import hpki
 from pki.errors import SigningError, TimestampError, VerificationError
+from signing.cms_status import describe_signer_and_timestamp
 from signing.policy import RecordPolicy, check_signer
-from signing.report import SignatureReport, TimestampReport
+from signing.report import SignatureReport
 from signing.signers import SekishoSigner
-from signing.trust import TrustConfig, reason_for_subindication
+from signing.trust import TrustConfig
 from signing.tsa import SekishoTimeStamper
 
 __all__ = ["signature_timestamp_tokens", "sign_detached", "verify_detached"]
@@ -100,29 +100,7 @@ async def verify_detached(
     if not report.intact:
         report.integrity_problem = "file content does not match the signature"
     cert = status.signing_cert
-    report.signer_subject = cert.subject.human_friendly
-    report.signer_sha256 = hashlib.sha256(cert.dump()).hexdigest()
-    try:
-        report.hc_role = hpki.hc_role(cert)
-    except SigningError as exc:
-        report.details["hc_role_problem"] = exc.message
-    report.claimed_time = status.signer_reported_dt
-    tsv = status.timestamp_validity
-    if tsv is not None:
-        problem = None if tsv.trusted else reason_for_subindication(tsv.trust_problem_indic)
-        if not tsv.intact:
-            problem = "signature timestamp does not match the signature"
-        report.timestamps.append(
-            TimestampReport(
-                kind="signature",
-                ok=tsv.trusted,
-                time=tsv.timestamp,
-                tsa=tsv.signing_cert.subject.human_friendly,
-                problem=problem,
-            )
-        )
-    good = [t.time for t in report.timestamps if t.ok and t.time]
-    report.signing_time = good[0] if good else report.claimed_time
+    describe_signer_and_timestamp(report, status)
     at = report.signing_time or datetime.now(UTC)
     check = await check_signer(policy, cert, at, trust.signer_context(at))
     report.chain_ok = check.chain_ok
