@@ -454,7 +454,7 @@ class ProcessMonitor:
         self.cpu_end = 0.0
 
     def __enter__(self) -> ProcessMonitor:
-        self.cpu_start = cpu_seconds(self.pid)
+        self.cpu_start = sum(cpu_seconds(p) for p in tree_pids(self.pid))
         self._sample()
         self._thread.start()
         return self
@@ -462,11 +462,12 @@ class ProcessMonitor:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.cpu_end = cpu_seconds(self.pid)
+        self.cpu_end = sum(cpu_seconds(p) for p in tree_pids(self.pid))
         self._sample()
 
     def _sample(self) -> None:
-        self.samples.append((time.monotonic(), self.progress, rss_kib(self.pid)))
+        rss = sum(rss_kib(p) for p in tree_pids(self.pid))
+        self.samples.append((time.monotonic(), self.progress, rss))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -509,7 +510,19 @@ def sekisho_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "gateway.cli"]
 
 
-def init_sekisho(directory: Path, *, dimse: bool = False) -> tuple[Path, int, int]:
+def tree_pids(pid: int) -> list[int]:
+    """A process and its direct children (Sekisho's HTTPS worker processes)."""
+    return [pid, *child_pids(pid)]
+
+
+def tree_peak_rss_kib(pid: int) -> int:
+    """Sum of the peak RSS of a process and its direct children."""
+    return sum(peak_rss_kib(p) for p in tree_pids(pid))
+
+
+def init_sekisho(
+    directory: Path, *, dimse: bool = False, workers: int = 1
+) -> tuple[Path, int, int]:
     """A demo instance (``gateway.instance.init_instance``) on free loopback ports.
 
     The DIMSE listener is switched off unless ``dimse`` is true: DICOMweb
@@ -523,6 +536,9 @@ def init_sekisho(directory: Path, *, dimse: bool = False) -> tuple[Path, int, in
     )
     if not dimse:
         _set_dimse_enabled(result.config, False)
+    if workers != 1:
+        text = result.config.read_text()
+        result.config.write_text(re.sub(r"(?m)^workers = 1\b", f"workers = {workers}", text, count=1))
     return result.config, https_port, monitoring_port
 
 

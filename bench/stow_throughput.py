@@ -67,6 +67,7 @@ from bench.common import (  # noqa: E402
     start_sekisho,
     stow_batches,
     table,
+    tree_peak_rss_kib,
     wado_sha256,
 )
 from pki import devpki  # noqa: E402
@@ -105,6 +106,12 @@ class Run:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--instances", type=int, default=2000, help="instances in the full run")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Sekisho HTTPS worker processes ([https] workers; default: one per core)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 200 instances")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent partners")
     p.add_argument("--batch", type=int, default=20, help="instances per STOW-RS request")
@@ -205,7 +212,7 @@ def run_sekisho(
         if spy is not None:
             _stop_py_spy(spy)
             spy = None
-        peak = peak_rss_kib(sut.pid)
+        peak = tree_peak_rss_kib(sut.pid)
         studies, count, ok, checked = asyncio.run(_verify(sut.dicomweb_url, contexts[0], corpus))
     finally:
         if spy is not None:
@@ -531,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         if "sekisho" in args.targets:
             for label, _, _ in plan:
                 d = root / f"sekisho-{label.replace('#', '-')}"
-                config, https_port, monitoring_port = init_sekisho(d)
+                config, https_port, monitoring_port = init_sekisho(d, workers=args.workers)
                 instances[label] = (d, config, (https_port, monitoring_port))
             pki = devpki.load(next(iter(instances.values()))[0] / "pki")
         else:

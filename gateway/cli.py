@@ -11,6 +11,9 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -92,7 +95,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings)
-    asyncio.run(serve_forever(settings))
+    workers = settings.https.workers
+    if workers == 1:
+        asyncio.run(serve_forever(settings))
+        return 0
+    # Several processes share the HTTPS port (R-OPS-1).  Housekeeping runs once,
+    # before any of them serves; SQLite connections are opened after the fork.
+    from gateway.server import housekeeping
+
+    gw = Gateway.open(settings)
+    try:
+        housekeeping(gw)
+    finally:
+        gw.close()
+    parent = os.getpid()
+    children: list[int] = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:  # an HTTPS worker
+            code = 0
+            try:
+                asyncio.run(
+                    serve_forever(settings, primary=False, housekeeping_done=True, parent=parent)
+                )
+            except BaseException:  # noqa: BLE001 - report and leave without unwinding the parent's stack
+                logging.getLogger("sekisho").exception("HTTPS worker failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    try:
+        asyncio.run(serve_forever(settings, housekeeping_done=True))
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
     return 0
 
 

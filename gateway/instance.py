@@ -38,6 +38,7 @@ max_instance_bytes = 2147483648 # largest single instance (2 GiB)
 handshake_timeout_seconds = 10
 idle_timeout_seconds = 75
 max_connections_per_address = 32
+workers = 1                     # processes sharing the HTTPS port (SO_REUSEPORT)
 
 [dimse]
 enabled = true                  # DICOM (DIMSE) over mutual TLS listener

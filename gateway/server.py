@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -56,8 +57,13 @@ def configure_logging(settings: Settings) -> None:
 class RunningGateway:
     """A started gateway; ``stop()`` shuts it down cleanly."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, *, primary: bool = True, housekeeping: bool = True) -> None:
         self.gw = gw
+        #: The primary process runs everything; other workers serve HTTPS only.
+        self.primary = primary
+        #: Start-up housekeeping (audit checkpoint gap, tmp sweep); done once,
+        #: before any worker process exists, when several serve the port.
+        self.housekeeping = housekeeping and primary
         self.tls: MutualTlsServer | None = None
         self.runner: web.AppRunner | None = None
         self.monitoring: web.AppRunner | None = None
@@ -75,15 +81,13 @@ class RunningGateway:
     async def start(self) -> None:
         gw = self.gw
         s = gw.settings
-        gap = await gw.run(gw.audit.close_checkpoint_gap, s.instance.name)
-        if gap:
-            log.warning("audit: %d record(s) were outside the head checkpoint; alert recorded", gap)
-        swept = await gw.run(gw.files.sweep_tmp)
-        if swept:
-            log.info("removed %d partial upload(s) left by an earlier stop", swept)
-        for warning in await gw.run(gw.expiry_warnings):
-            log.warning("certificate expiry: %s", warning)
-        if s.audit.seal_interval_minutes > 0:  # a TSA-less configuration refuses to start
+        if self.housekeeping:
+            await gw.run(housekeeping, gw)
+        if self.primary:
+            for warning in await gw.run(gw.expiry_warnings):
+                log.warning("certificate expiry: %s", warning)
+        # A TSA-less configuration with sealing refuses to start.
+        if self.primary and s.audit.seal_interval_minutes > 0:
             from gateway.signatures.sealing import PeriodicSealer
 
             self.sealer = PeriodicSealer(gw, s.audit.seal_interval_minutes)
@@ -124,7 +128,16 @@ class RunningGateway:
         server = self.runner.server
         assert server is not None
         self.tls.protocol_factory = server  # type: ignore[assignment]
-        self.addresses = await self.tls.start(s.https.host, s.https.port)
+        self.addresses = await self.tls.start(
+            s.https.host, s.https.port, reuse_port=s.https.workers > 1
+        )
+        if not self.primary:
+            started = ev.application_activity(
+                "start", actor=s.instance.name, description="HTTPS worker"
+            )
+            await gw.record(started)
+            log.info("HTTPS worker %d listening on %s", os.getpid(), self.addresses)
+            return
         if s.monitoring.port:
             self.monitoring = web.AppRunner(create_monitoring_app(gw), access_log=None)
             await self.monitoring.setup()
@@ -177,16 +190,42 @@ def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def serve_forever(settings: Settings) -> None:
+def housekeeping(gw: Gateway) -> None:
+    """Start-up checks that must run once, before any request is served."""
+    gap = gw.audit.close_checkpoint_gap(gw.settings.instance.name)
+    if gap:
+        log.warning("audit: %d record(s) were outside the head checkpoint; alert recorded", gap)
+    swept = gw.files.sweep_tmp()
+    if swept:
+        log.info("removed %d partial upload(s) left by an earlier stop", swept)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A worker stops when the process that started it is gone (even after SIGKILL)."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("primary process gone; HTTPS worker stopping")
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def serve_forever(
+    settings: Settings, *, primary: bool = True, housekeeping_done: bool = False,
+    parent: int | None = None,
+) -> None:
     gw = Gateway.open(settings)
-    running = RunningGateway(gw)
+    running = RunningGateway(gw, primary=primary, housekeeping=not housekeeping_done)
     await running.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = loop.create_task(_watch_parent(parent, stop)) if parent is not None else None
     try:
         await stop.wait()
+        if watcher is not None:
+            watcher.cancel()
     finally:
         log.info("stopping")
         await running.stop()

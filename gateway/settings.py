@@ -57,10 +57,15 @@ class HttpsSettings:
     max_connections_per_address: int = 32
     #: Public base URL used in RetrieveURL attributes (default: https://host:port).
     public_url: str = ""
+    #: Processes serving the HTTPS port (SO_REUSEPORT); the first one also runs
+    #: DIMSE, forwarding, sealing and the consoles (R-OPS-1 scale-out on one host).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError("port must be between 1 and 65535")
+        if not 1 <= self.workers <= 32:
+            raise ValueError("workers must be between 1 and 32")
         if self.max_body_bytes <= 0 or self.max_instance_bytes <= 0:
             raise ValueError("size caps must be positive")
 

@@ -107,9 +107,14 @@ class MutualTlsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.AbstractServer] = []
 
-    async def start(self, host: str, port: int) -> list[tuple[str, int]]:
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> list[tuple[str, int]]:
+        """Listen; ``reuse_port`` lets several worker processes share the port."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Accepting(self), host, port, reuse_address=True)
+        server = await loop.create_server(
+            lambda: _Accepting(self), host, port, reuse_address=True, reuse_port=reuse_port
+        )
         self._servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]
 
