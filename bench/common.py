@@ -538,7 +538,8 @@ def init_sekisho(
         _set_dimse_enabled(result.config, False)
     if workers != 1:
         text = result.config.read_text()
-        result.config.write_text(re.sub(r"(?m)^workers = 1\b", f"workers = {workers}", text, count=1))
+        text = re.sub(r"(?m)^workers = 1\b", f"workers = {workers}", text, count=1)
+        result.config.write_text(text)
     return result.config, https_port, monitoring_port
 
 
