@@ -110,6 +110,8 @@ class TrustConfig:
     crls: tuple[bytes, ...] = ()
     revocation: RevocationMode = RevocationMode.HARD_FAIL
     allow_fetching: bool = False
+    #: Preloaded OCSP responses (e.g. captured at signing, R-SIG-6).
+    ocsps: tuple[Any, ...] = ()
     #: Paths the configuration named, for reports and diagnostics.
     sources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -203,7 +205,7 @@ class TrustConfig:
             moment=moment,
             allow_fetching=self.allow_fetching,
             crls=[*self.crls, *crls],
-            ocsps=list(ocsps),
+            ocsps=[*self.ocsps, *ocsps],
             revocation_mode=(revocation or self.revocation).value,
         )
 

@@ -35,12 +35,11 @@ from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
 
 from pki.errors import SigningError, TimestampError
-from signing.trust import RevocationMode, TrustConfig, reason_for_exception
+from signing.trust import TrustConfig, reason_for_exception
 
 __all__ = [
     "ID_AA_ETS_CERT_VALUES",
     "ID_AA_ETS_REVOCATION_VALUES",
-    "EvidenceTrust",
     "ValidationData",
     "collect_validation_data",
     "from_attributes",
@@ -147,62 +146,20 @@ def from_attributes(attributes: Iterable[tuple[str, bytes]]) -> ValidationData:
     return ValidationData(tuple(certs), tuple(crls), tuple(ocsps))
 
 
-@dataclass(frozen=True, eq=False)
-class EvidenceTrust(TrustConfig):
-    """The configured trust plus captured validation data, OCSP responses included."""
-
-    ocsps: tuple[Any, ...] = ()
-
-    def signer_context(
-        self,
-        moment: datetime | None = None,
-        *,
-        other_certs: Iterable[asn1_x509.Certificate] = (),
-        crls: Iterable[bytes | asn1_crl.CertificateList] = (),
-        ocsps: Iterable[Any] = (),
-        revocation: RevocationMode | None = None,
-    ) -> ValidationContext:
-        return super().signer_context(
-            moment,
-            other_certs=other_certs,
-            crls=crls,
-            ocsps=[*self.ocsps, *ocsps],
-            revocation=revocation,
-        )
-
-    def tsa_context(
-        self,
-        moment: datetime | None = None,
-        *,
-        other_certs: Iterable[asn1_x509.Certificate] = (),
-        crls: Iterable[bytes | asn1_crl.CertificateList] = (),
-        ocsps: Iterable[Any] = (),
-        revocation: RevocationMode | None = None,
-    ) -> ValidationContext:
-        return super().tsa_context(
-            moment,
-            other_certs=other_certs,
-            crls=crls,
-            ocsps=[*self.ocsps, *ocsps],
-            revocation=revocation,
-        )
-
-
 def with_validation_data(
     trust: TrustConfig, vd: ValidationData, *, allow_fetching: bool = False
-) -> EvidenceTrust:
+) -> TrustConfig:
     """``trust`` extended by ``vd``; fetching off by default (the CA may be gone)."""
-    base = {f.name: getattr(trust, f.name) for f in dataclasses.fields(TrustConfig)}
-    base.update(
+    return dataclasses.replace(
+        trust,
         intermediates=(
             *trust.intermediates,
             *(asn1_x509.Certificate.load(c) for c in vd.certificates),
         ),
         crls=(*trust.crls, *vd.crls),
+        ocsps=(*trust.ocsps, *vd.ocsp_responses()),
         allow_fetching=allow_fetching,
     )
-    extra = tuple(getattr(trust, "ocsps", ()))
-    return EvidenceTrust(**base, ocsps=(*extra, *vd.ocsp_responses()))
 
 
 def token_signer(token_der: bytes) -> tuple[asn1_x509.Certificate, list[asn1_x509.Certificate]]:
