@@ -42,7 +42,8 @@ class Gateway:
 
     @classmethod
     def open(cls, settings: Settings) -> Gateway:
-        store = SqliteMetadataStore(settings.store.database)
+        # store.fsync = false (benchmarks, never production) covers the index too.
+        store = SqliteMetadataStore(settings.store.database, durable=settings.store.fsync)
         files = FileStore(settings.store.files, fsync=settings.store.fsync)
         audit = AuditTrail(settings.audit_database)
         metrics = Metrics()

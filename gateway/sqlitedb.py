@@ -2,7 +2,9 @@
 
 Every table family (metadata, forwarding queue, import records, digitization
 records) shares the same discipline: a connection per thread, WAL journal,
-``synchronous=FULL`` so that a commit is durable when it returns, write
+``synchronous=FULL`` so that a commit is durable when it returns (unless
+the database is opened ``durable=False``: then ``NORMAL``, which survives a
+crash of the process but not of the machine), write
 transactions serialised in-process and ``BEGIN IMMEDIATE`` across processes,
 and SQLite errors mapped to the project's error vocabulary at this one place.
 """
@@ -29,9 +31,10 @@ class SqliteDatabase:
     INTEGRITY_IS_CONFLICT: ClassVar[bool] = False
     FOREIGN_KEYS: ClassVar[bool] = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._synchronous = "FULL" if durable else "NORMAL"
         self._local = threading.local()
         self._write_lock = threading.Lock()
         if self.SCHEMA:
@@ -44,7 +47,7 @@ class SqliteDatabase:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
             if self.FOREIGN_KEYS:
                 conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn

@@ -34,7 +34,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from gateway.dimse.ingest import IngestWorker, PrefixIndex, _Budget
+from gateway.dimse.ingest import IngestWorker, _Budget
 from gateway.dimse.session import PYNETDICOM_VERSION, SekishoAssociation, split_pdvs
 from gateway.dimse.storage import (
     IMPLEMENTATION_CLASS_UID,
@@ -43,7 +43,7 @@ from gateway.dimse.storage import (
     part10_header,
 )
 from gateway.store.files import FileStore
-from gateway.store.index import TruncatedInstanceError, index_instance
+from gateway.store.index import PrefixIndex, TruncatedInstanceError, index_instance
 from pki.errors import InvalidInputError
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -117,6 +117,9 @@ def test_commitment_report_through_the_gateways_own_dimse_listener(
         gateway_factory(instance)
         assert stow(instance, study.files).status == 200
         assert wait_for(lambda: _states(instance) == ["committed"] * 2, 30)
+        # The gateway records the commitment when the report arrives, before the
+        # provider has read the N-EVENT-REPORT response.
+        assert wait_for(lambda: scp.report_status is not None, 10)
         assert int(scp.report_status.Status) == 0
     jobs = ForwardQueue(instance.database).list_jobs()
     assert {j.committed_at is not None for j in jobs} == {True}

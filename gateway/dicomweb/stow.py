@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 
 from gateway.audit import events as ev
 from gateway.dicomweb.common import require
 from gateway.dicomweb.dicomjson import JsonDataset, attr
+from gateway.dicomweb.multipart import MultipartError, MultipartReader
 from gateway.peers import Principal
 from gateway.service import Gateway
 from gateway.store.files import HashingWriter, StagedFile
-from gateway.store.index import InstanceIndex, index_instance
+from gateway.store.index import PREFIX_BYTES, InstanceIndex, PrefixIndex, index_instance
 from gateway.store.model import AddResult
 from pki.errors import (
     InvalidInputError,
@@ -34,11 +37,7 @@ from pki.errors import (
 )
 
 log = logging.getLogger("sekisho.stow")
-
-#: Read size for multipart parts.  aiohttp's part reader returns a chunk only
-#: once this much more body (or its end) has arrived, so this is also how far
-#: a part's completion can lag behind its last byte on a slow upload.
-CHUNK = 128 * 1024
+T = TypeVar("T")
 
 #: Failure reasons (PS3.18 Table 10.5.3-1 and PS3.4 Annex B).
 PROCESSING_FAILURE = 0x0110
@@ -57,7 +56,8 @@ class PartOutcome:
     message: str = ""
 
 
-def _check_content_type(request: web.Request) -> None:
+def _check_content_type(request: web.Request) -> str:
+    """Check the request's media type; returns the multipart boundary."""
     mt = parse_mimetype(request.headers.get("Content-Type", ""))
     if (mt.type, mt.subtype) != ("multipart", "related"):
         raise UnsupportedMediaTypeError(
@@ -70,6 +70,7 @@ def _check_content_type(request: web.Request) -> None:
         )
     if "boundary" not in mt.parameters:
         raise InvalidInputError("multipart/related body without a boundary parameter")
+    return str(mt.parameters["boundary"]).strip('"')
 
 
 #: Parts smaller than this are held in memory until they are complete and then
@@ -87,6 +88,8 @@ class _Receiving:
     chunks: list[bytes]
     buffered: int = 0
     writer: HashingWriter | None = None
+    #: The part's first PREFIX_BYTES, parsed for the index without reading the file back.
+    prefix: bytes = b""
 
 
 def _flush(gw: Gateway, rx: _Receiving) -> None:
@@ -108,7 +111,7 @@ def _finish_part(gw: Gateway, rx: _Receiving, study_in_path: str | None) -> Part
             rx.writer.abort()
         raise
     try:
-        idx = index_instance(staged.path)
+        idx = PrefixIndex(rx.prefix).result(staged.size) or index_instance(staged.path)
     except InvalidInputError as exc:
         staged.path.unlink(missing_ok=True)
         return PartOutcome(None, None, CANNOT_UNDERSTAND, exc.message)
@@ -127,19 +130,26 @@ def _finish_part(gw: Gateway, rx: _Receiving, study_in_path: str | None) -> Part
     return PartOutcome(idx, staged)
 
 
+async def _malformed_is_invalid(step: Awaitable[T]) -> T:
+    """Await a step of the multipart reader; a grammar error is invalid input (400)."""
+    try:
+        return await step
+    except MultipartError as exc:
+        raise InvalidInputError(f"malformed multipart body: {exc}") from exc
+
+
 async def _read_part(
-    gw: Gateway, part: BodyPartReader, budget: list[int]
+    gw: Gateway, reader: MultipartReader, headers: dict[str, str], budget: list[int]
 ) -> _Receiving | PartOutcome:
-    ptype = parse_mimetype(part.headers.get("Content-Type", "application/dicom"))
+    ptype = parse_mimetype(headers.get("content-type", "application/dicom"))
     if (ptype.type, ptype.subtype) != ("application", "dicom"):
-        await part.release()
         return PartOutcome(None, None, CANNOT_UNDERSTAND, "part is not application/dicom")
     rx = _Receiving([])
     limit = gw.settings.https.max_instance_bytes
     total = 0
     try:
         while True:
-            chunk = await part.read_chunk(CHUNK)
+            chunk = await _malformed_is_invalid(reader.read_chunk())
             if not chunk:
                 break
             budget[0] -= len(chunk)
@@ -151,6 +161,8 @@ async def _read_part(
                 raise PayloadTooLargeError(
                     f"instance larger than the configured limit of {limit} bytes"
                 )
+            if len(rx.prefix) < PREFIX_BYTES:
+                rx.prefix += chunk[: PREFIX_BYTES - len(rx.prefix)]
             rx.chunks.append(chunk)
             rx.buffered += len(chunk)
             if rx.buffered >= BUFFER:
@@ -173,7 +185,7 @@ async def stow(request: web.Request) -> web.Response:
     principal: Principal = request["principal"]
     study_in_path = request.match_info.get("study")
     await require(request, principal, "push")
-    _check_content_type(request)
+    boundary = _check_content_type(request)
     length = request.content_length
     if length is not None and length > gw.settings.https.max_body_bytes:
         raise PayloadTooLargeError(
@@ -184,17 +196,9 @@ async def stow(request: web.Request) -> web.Response:
     # Part N is synced and validated in a worker thread while part N+1 is read.
     pending: list[asyncio.Future[PartOutcome]] = []
     try:
-        reader = await request.multipart()
-        while True:
-            try:
-                part = await reader.next()
-            except (ValueError, AssertionError) as exc:
-                raise InvalidInputError(f"malformed multipart body: {exc}") from exc
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                raise InvalidInputError("nested multipart bodies are not accepted")
-            got = await _read_part(gw, part, budget)
+        reader = MultipartReader(request.content.readany, boundary)
+        while (headers := await _malformed_is_invalid(reader.next_part())) is not None:
+            got = await _read_part(gw, reader, headers, budget)
             if isinstance(got, PartOutcome):
                 fut: asyncio.Future[PartOutcome] = asyncio.get_running_loop().create_future()
                 fut.set_result(got)

@@ -8,8 +8,10 @@ from reading the next PDU, and a peer that waits for every C-STORE-RSP
 has an :class:`IngestWorker`: a thread to which the DUL thread only posts the
 fragments (views into the received PDUs; nothing is copied).  The worker
 
-* opens the temporary file (one is opened ahead for the next instance, so
-  that creating it costs no peer any time) and writes the PS3.10 header;
+* opens the temporary file (one is opened ahead for the next instance, and
+  filled to the size of the last one, so that neither creating it nor
+  putting its pages into the page cache costs the peer any time: see
+  :meth:`HashingWriter.preallocate`) and writes the PS3.10 header;
 * hashes and writes every fragment (both release the GIL, so this runs
   beside the DUL thread's reads);
 * parses the index attributes from the data set's first
@@ -33,93 +35,21 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from io import BytesIO
 from typing import Any
 
-import pydicom
-
 from gateway.store.files import FileStore, HashingWriter, StagedFile
-from gateway.store.index import (
-    InstanceIndex,
-    TruncatedInstanceError,
-    index_dataset,
-    index_instance,
-)
-from pki.errors import InvalidInputError, SekishoError, StoreError
+from gateway.store.index import PREFIX_BYTES, InstanceIndex, PrefixIndex, index_instance
+from pki.errors import SekishoError, StoreError
 
 log = logging.getLogger("sekisho.dimse")
 
-#: Leading bytes of a received file parsed for its index attributes.
-PREFIX_BYTES = 64 * 1024
 #: Received bytes the worker may have pending before the DUL thread waits.
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
-#: The last index attribute :func:`gateway.store.index.index_dataset` reads
-#: is (0020,0013) Instance Number; data elements come in tag order (PS3.5 7.1).
-_LAST_INDEX_TAG = 0x00200013
-_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: The largest size a spare temporary file is filled to ahead of its data set.
+PREALLOCATE_MAX = 16 * 1024 * 1024
 #: PS3.4 B.2.3 statuses the worker decides.
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
-
-
-class PrefixIndex:
-    """The index attributes of a Part 10 file, parsed from its leading bytes.
-
-    Parsed as soon as the prefix is there; :meth:`result` decides, once the
-    file's size is known, whether the prefix proves what ``index_instance``
-    on the whole file would find.  It does when every index attribute lies
-    before the last data element the prefix reaches, and that element, of
-    defined length, ends exactly at the end of the file (typically the
-    pixel data); otherwise :meth:`result` is None and the caller indexes the
-    whole file.  An element that runs past the end of the file is a
-    truncated instance, as for ``index_instance``.
-    """
-
-    def __init__(self, prefix: bytes | bytearray) -> None:
-        self.prefix_size = len(prefix)
-        self._usable = False
-        self._end = 0
-        self._last_tag = 0
-        self._last_defined = False
-        self._index: InstanceIndex | None = None
-        self._error: InvalidInputError | None = None
-        try:
-            ds = pydicom.dcmread(BytesIO(prefix), defer_size=1024)
-        except Exception:  # noqa: BLE001 - malformed, or cut by the prefix: decide on the file
-            return
-        elements = list(ds._dict.values())  # raw elements keep their offsets
-        if not elements:
-            return
-        for elem in elements:
-            tell = getattr(elem, "value_tell", None)
-            length = getattr(elem, "length", None)
-            if tell is not None and length not in (None, _UNDEFINED_LENGTH):
-                self._end = max(self._end, tell + length)
-        last = elements[-1]
-        self._last_tag = int(last.tag)
-        self._last_defined = getattr(last, "length", None) not in (None, _UNDEFINED_LENGTH)
-        try:
-            self._index = index_dataset(ds)
-        except InvalidInputError as exc:
-            self._error = exc
-        self._usable = True
-
-    def result(self, size: int) -> InstanceIndex | None:
-        """The index of the file of ``size`` bytes, or None to index the whole file."""
-        if not self._usable:
-            return None
-        if self._end > size:
-            raise TruncatedInstanceError(
-                f"instance is truncated: its data elements need {self._end} bytes "
-                f"but only {size} arrived"
-            )
-        if self.prefix_size < size and (
-            not self._last_defined or self._last_tag <= _LAST_INDEX_TAG or self._end != size
-        ):
-            return None
-        if self._error is not None:
-            raise self._error
-        return self._index
 
 
 class _Budget:
@@ -169,6 +99,8 @@ class IngestWorker:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._budget = _Budget(IN_FLIGHT_BYTES)
         self._spare: HashingWriter | None = None
+        #: Size of the last data set written: the guess for the next one.
+        self._last_size = 0
         self._current: StreamSink | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sekisho-dimse-ingest", daemon=True)
@@ -221,12 +153,18 @@ class IngestWorker:
         return writer if writer is not None else self.files.writer(self._max_bytes)
 
     def prepare_spare(self) -> None:
-        """Open the next instance's temporary file while nobody waits for it."""
+        """Open and fill the next instance's temporary file while nobody waits for it.
+
+        The peer is reading this instance's C-STORE-RSP and sending the
+        next request meanwhile; when the next data set comes, the writes
+        find the file's pages in place.
+        """
         if self._spare is None and not self._closed:
             try:
-                self._spare = self.files.writer(self._max_bytes)
+                self._spare = spare = self.files.writer(self._max_bytes)
+                spare.preallocate(min(self._last_size, PREALLOCATE_MAX))
             except OSError as exc:
-                log.warning("could not open a temporary file ahead: %s", exc.strerror)
+                log.warning("could not prepare a temporary file ahead: %s", exc.strerror)
 
 
 class StreamSink:
@@ -342,6 +280,7 @@ class StreamSink:
         worker = self._worker
         try:
             staged = self._writer.finish(worker.fsync)  # fdatasync when the store is durable
+            worker._last_size = staged.size
         except OSError as exc:
             self._writer.path.unlink(missing_ok=True)
             self.failure = (f"could not write the instance: {exc.strerror}", OUT_OF_RESOURCES)

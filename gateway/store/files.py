@@ -21,6 +21,8 @@ from typing import BinaryIO
 from pki.errors import PayloadTooLargeError, StoreError
 
 CHUNK = 1024 * 1024
+#: Zeros written by :meth:`HashingWriter.preallocate`, a slice at a time.
+_ZEROS = bytes(CHUNK)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,25 @@ class HashingWriter:
         self._hash = hashlib.sha256()
         self.size = 0
         self._max = max_bytes
+        self._preallocated = 0
+
+    def preallocate(self, nbytes: int) -> None:
+        """Fill the file with ``nbytes`` zeros now, then write from its start again.
+
+        Putting new pages into the page cache is most of what writing a new
+        file costs (on a virtual machine, several times the copy itself);
+        overwriting pages already there is cheap.  A writer that will receive
+        data of a foreseeable size is prepared this way while nobody waits
+        for it, so that the writes that follow cost only the copy.
+        :meth:`finish` cuts the file to what was written.
+        """
+        if self.size or nbytes <= 0:
+            return
+        left = nbytes
+        while left > 0:
+            left -= self._fh.write(_ZEROS[: min(left, CHUNK)]) or 0
+        self._fh.seek(0)
+        self._preallocated = nbytes
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         self.size += len(chunk)
@@ -54,6 +75,8 @@ class HashingWriter:
 
     def finish(self, fsync: bool) -> StagedFile:
         try:
+            if self._preallocated > self.size:
+                self._fh.truncate(self.size)
             if fsync:
                 # fdatasync also flushes the size, which is all a reader needs.
                 os.fdatasync(self._fh.fileno())

@@ -9,15 +9,26 @@ file (truncated uploads).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import PersonName
 
 from pki.errors import InvalidInputError
+
+#: Leading bytes of a received file parsed for its index attributes (PrefixIndex).
+PREFIX_BYTES = 64 * 1024
+#: The last index attribute :func:`index_dataset` reads is (0020,0013)
+#: Instance Number; data elements come in tag order (PS3.5 7.1).
+_LAST_INDEX_TAG = 0x00200013
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class MissingAttributeError(InvalidInputError):
@@ -56,7 +67,46 @@ class InstanceIndex:
     specific_character_set: str
 
 
+#: Value bytes whose text pydicom would give unchanged but for padding: printable
+#: ASCII without the value delimiter (so one value, no code extensions).
+_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\x00?")
+_INTEGER = re.compile(rb" *[+-]?[0-9]{1,10} *\x00?")
+_KEYS: dict[str, tuple[int, str]] = {}
+
+
+def _raw(ds: Dataset, keyword: str) -> bytes | None:
+    """The value bytes of a raw (not yet converted) element of its dictionary VR.
+
+    ``b""`` when the element is absent; None when only pydicom can say.
+    """
+    key = _KEYS.get(keyword)
+    if key is None:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        key = _KEYS[keyword] = (tag, dictionary_VR(tag))
+    elem = ds._dict.get(key[0])  # noqa: SLF001 - raw access avoids converting the value
+    if elem is None:
+        return b""
+    if not isinstance(elem, RawDataElement) or elem.VR not in (None, key[1]):
+        return None
+    value = elem.value
+    return value if isinstance(value, bytes) else None
+
+
+# Plain ASCII values are read directly: converting them through pydicom (value
+# validation, character sets) is most of the cost of indexing an instance, and
+# gives the same text (tests/test_gateway_index.py compares both).
 def _text(ds: Dataset, keyword: str) -> str:
+    raw = _raw(ds, keyword)
+    if raw is not None and _PLAIN.fullmatch(raw):
+        text = raw.decode("ascii").rstrip("\x00 ")
+        # pydicom keeps a person name's leading spaces; index_dataset strips the others.
+        return text if _KEYS[keyword][1] == "PN" else text.strip()
+    return _converted_text(ds, keyword)
+
+
+def _converted_text(ds: Dataset, keyword: str) -> str:
+    """The index text of an attribute, converted by pydicom."""
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -68,6 +118,14 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    raw = _raw(ds, keyword)
+    if raw is not None and _INTEGER.fullmatch(raw):
+        return int(raw.rstrip(b"\x00"))
+    return _converted_int(ds, keyword)
+
+
+def _converted_int(ds: Dataset, keyword: str) -> int | None:
+    """An integer attribute, converted by pydicom."""
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -158,3 +216,63 @@ def index_dataset(ds: Dataset) -> InstanceIndex:
         raise
     except Exception as exc:  # decoding errors in malformed values
         raise InvalidInputError(f"malformed DICOM attribute values: {type(exc).__name__}") from exc
+
+
+class PrefixIndex:
+    """The index attributes of a Part 10 file, parsed from its leading bytes.
+
+    Parsed as soon as the prefix is there; :meth:`result` decides, once the
+    file's size is known, whether the prefix proves what ``index_instance``
+    on the whole file would find.  It does when every index attribute lies
+    before the last data element the prefix reaches, and that element, of
+    defined length, ends exactly at the end of the file (typically the
+    pixel data); otherwise :meth:`result` is None and the caller indexes the
+    whole file.  An element that runs past the end of the file is a
+    truncated instance, as for ``index_instance``.
+    """
+
+    def __init__(self, prefix: bytes | bytearray) -> None:
+        self.prefix_size = len(prefix)
+        self._usable = False
+        self._end = 0
+        self._last_tag = 0
+        self._last_defined = False
+        self._index: InstanceIndex | None = None
+        self._error: InvalidInputError | None = None
+        try:
+            ds = pydicom.dcmread(BytesIO(prefix), defer_size=1024)
+        except Exception:  # noqa: BLE001 - malformed, or cut by the prefix: decide on the file
+            return
+        elements = list(ds._dict.values())  # raw elements keep their offsets
+        if not elements:
+            return
+        for elem in elements:
+            tell = getattr(elem, "value_tell", None)
+            length = getattr(elem, "length", None)
+            if tell is not None and length not in (None, _UNDEFINED_LENGTH):
+                self._end = max(self._end, tell + length)
+        last = elements[-1]
+        self._last_tag = int(last.tag)
+        self._last_defined = getattr(last, "length", None) not in (None, _UNDEFINED_LENGTH)
+        try:
+            self._index = index_dataset(ds)
+        except InvalidInputError as exc:
+            self._error = exc
+        self._usable = True
+
+    def result(self, size: int) -> InstanceIndex | None:
+        """The index of the file of ``size`` bytes, or None to index the whole file."""
+        if not self._usable:
+            return None
+        if self._end > size:
+            raise TruncatedInstanceError(
+                f"instance is truncated: its data elements need {self._end} bytes "
+                f"but only {size} arrived"
+            )
+        if self.prefix_size < size and (
+            not self._last_defined or self._last_tag <= _LAST_INDEX_TAG or self._end != size
+        ):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._index
