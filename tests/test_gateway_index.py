@@ -23,26 +23,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from gateway.store import index as ix
 
-TEXT_KEYWORDS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "Modality",
-    "SeriesDescription",
-    "SpecificCharacterSet",
-]
-INT_KEYWORDS = ["SeriesNumber", "InstanceNumber"]
+TEXT_KEYWORDS = list(ix.TEXT_KEYWORDS)
+INT_KEYWORDS = list(ix.INTEGER_KEYWORDS)
 
 
 def _encoded(keyword: str, raw: bytes, implicit: bool) -> bytes:
@@ -136,3 +118,150 @@ def test_index_of_test_files_matches_reference(path: str) -> None:
         assert ix._text(fast, keyword) == expected, keyword
     for keyword in INT_KEYWORDS:
         assert ix._int(fast, keyword) == ix._converted_int(slow, keyword), keyword
+
+
+# -- the prefix scanner agrees with pydicom ----------------------------------
+def _prefix_views(data: bytes) -> list[tuple[object, ...]]:
+    """What PrefixIndex decides for several prefixes and sizes of ``data``."""
+    out: list[tuple[object, ...]] = []
+    for cut in (len(data), 65536, 4096, 1000, 400, 200):
+        prefix = data[:cut]
+        pi = ix.PrefixIndex(prefix)
+        for size in sorted({len(prefix), len(data), len(data) - 1, len(data) + 7}):
+            try:
+                got: object = pi.result(size)
+            except ix.InvalidInputError as exc:
+                got = (type(exc).__name__, exc.message)
+            out.append((cut, size, got))
+    return out
+
+
+def _both_ways(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    scanned = _prefix_views(data)
+    with monkeypatch.context() as m:
+        m.setattr(ix, "_scan_part10", lambda _buf: None)
+        assert _prefix_views(data) == scanned
+
+
+def _files() -> list[str]:
+    return sorted(get_testdata_files("*.dcm"))
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: p.rsplit("/", 1)[-1])
+def test_prefix_scan_matches_pydicom_on_test_files(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    _both_ways(data, monkeypatch)
+
+
+def test_the_scanner_is_used_for_ordinary_files() -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName = "P1", "YAMADA^TARO"
+    ds.BitsAllocated = 8
+    ds.PixelData = b"\0" * 200_000
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    scanned = ix._scan_part10(out.getvalue()[:65536])
+    assert scanned is not None
+    assert scanned[2] == 0x7FE00010 and scanned[1] == len(out.getvalue())
+
+
+def _generated(implicit: bool, undefined_sq: bool, encapsulated: bool, charset: bool) -> bytes:
+    from pydicom.dataset import Dataset as DS
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence
+
+    ds = DS()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    ts = (
+        "1.2.840.10008.1.2.4.50"
+        if encapsulated
+        else (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    )
+    ds.file_meta.TransferSyntaxUID = ts
+    if charset:
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = "Yamada^Tarou=\033$B;3ED\033(B^\033$BB@O:\033(B"
+    else:
+        ds.PatientName = "YAMADA^TARO"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", uid
+    ds.StudyDate = "20250401"
+    item = DS()
+    item.CodeValue, item.CodeMeaning = "X1", "inner"
+    inner = DS()
+    inner.CodeValue = "Y"
+    item.ConceptNameCodeSequence = Sequence([inner])
+    ds.ProcedureCodeSequence = Sequence([item, item])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "P-9", "OT", "3", " 12 "
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.SamplesPerPixel = 8, 1
+    if encapsulated:
+        ds.PixelData = encapsulate([b"\xff\xd8" + b"x" * 3000 + b"\xff\xd9"] * 2)
+    else:
+        ds.PixelData = b"\x01" * 70_000
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=None if encapsulated else implicit)
+    data = out.getvalue()
+    if undefined_sq:
+        # Re-encode the sequence with undefined lengths by hand through pydicom.
+        for elem in ds.iterall():
+            if elem.VR == "SQ":
+                elem.is_undefined_length = True
+        for s in (ds.ProcedureCodeSequence[0], ds.ProcedureCodeSequence[1]):
+            s.is_undefined_length_sequence_item = True
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True, implicit_vr=None if encapsulated else implicit)
+        data = out.getvalue()
+    return data
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("undefined_sq", [False, True])
+@pytest.mark.parametrize("encapsulated", [False, True])
+@pytest.mark.parametrize("charset", [False, True])
+def test_prefix_scan_matches_pydicom_on_generated_files(
+    implicit: bool,
+    undefined_sq: bool,
+    encapsulated: bool,
+    charset: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = _generated(implicit, undefined_sq, encapsulated, charset)
+    _both_ways(data, monkeypatch)
+    # Every cut position of the first bytes, too.
+    for cut in range(130, min(len(data), 1400), 7):
+        prefix = data[:cut]
+        fast = ix.PrefixIndex(prefix)
+        with monkeypatch.context() as m:
+            m.setattr(ix, "_scan_part10", lambda _buf: None)
+            slow = ix.PrefixIndex(prefix)
+        for size in (cut, len(data)):
+            outcome = []
+            for pi in (fast, slow):
+                try:
+                    outcome.append(pi.result(size))
+                except ix.InvalidInputError as exc:
+                    outcome.append(exc.message)
+            assert outcome[0] == outcome[1], (cut, size)
+
+
+def test_the_scanner_keeps_every_attribute_index_dataset_reads() -> None:
+    """The prefix scanner keeps only the listed attributes: the list must be complete."""
+    import inspect
+    import re
+
+    source = inspect.getsource(ix.index_dataset)
+    read = set(re.findall(r'_(?:text|int)\(ds, "(\w+)"\)', source))
+    assert read, "index_dataset reads its attributes through _text/_int"
+    assert read <= set(ix.TEXT_KEYWORDS) | set(ix.INTEGER_KEYWORDS)
