@@ -47,6 +47,8 @@ log = logging.getLogger("sekisho.dimse")
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
 #: The largest size a spare temporary file is filled to ahead of its data set.
 PREALLOCATE_MAX = 16 * 1024 * 1024
+#: What StreamSink.name gives pynetdicom to unlink: nothing, cheaply.
+_NO_FILE = "/nonexistent/sekisho-stream-sink"
 #: PS3.4 B.2.3 statuses the worker decides.
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -194,9 +196,15 @@ class StreamSink:
 
     @property
     def name(self) -> str:
-        """The temporary file (pynetdicom unlinks this path after the handler)."""
-        writer = self._writer
-        return str(writer.path) if writer is not None else "/nonexistent/sekisho-pending"
+        """A path that names no file: pynetdicom unlinks ``name`` after the handler.
+
+        The sink itself moves its temporary file to the store or removes it.
+        Unlinking the temporary file's real path would lock the temporary
+        directory, where the worker is creating the next instance's file at
+        that moment, and the C-STORE response would wait for it; a path
+        under a directory that does not exist fails before any lock.
+        """
+        return _NO_FILE
 
     # -- DUL thread ----------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -179,7 +179,7 @@ def index_dataset(ds: Dataset) -> InstanceIndex:
     is still arriving (``gateway.dimse.ingest``).
     """
     meta = ds.file_meta
-    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    ts = _text(meta, "TransferSyntaxUID") if meta is not None else ""
     if not ts:
         raise MissingAttributeError("file meta information lacks the Transfer Syntax UID")
     try:
@@ -426,5 +426,8 @@ def _scan_part10(buf: bytes) -> tuple[Dataset, int, int, bool] | None:
     except (_Cut, _Unusual, struct.error, UnicodeDecodeError):
         return None
     ds = Dataset(elements)
-    ds.file_meta = FileMetaDataset(meta)  # type: ignore[arg-type]
+    file_meta = FileMetaDataset()
+    # Group 0002 only, by construction: FileMetaDataset's own check is not needed.
+    file_meta._dict.update(meta)  # noqa: SLF001
+    ds.file_meta = file_meta
     return ds, end, last_tag, last_defined
