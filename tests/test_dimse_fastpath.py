@@ -29,10 +29,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import association, dimse, dul, fsm, service_class
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom import association, dimse, dimse_messages, dul, fsm, service_class
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import decode, encode
 
 from gateway.dimse.ingest import IngestWorker, _Budget
 from gateway.dimse.session import PYNETDICOM_VERSION, SekishoAssociation, split_pdvs
@@ -40,6 +40,7 @@ from gateway.dimse.storage import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     c_store_rsp_command,
+    parse_c_store_rq,
     part10_header,
 )
 from gateway.store.files import FileStore
@@ -67,6 +68,8 @@ PINNED_SOURCES = {
     "DIMSEServiceProvider.receive_primitive": (
         dimse.DIMSEServiceProvider.receive_primitive, "5f99c86b14a15cef"),
     "StorageServiceClass.SCP": (service_class.StorageServiceClass.SCP, "63afca7fc6c6e7ee"),
+    "DIMSEMessage.message_to_primitive": (
+        dimse_messages.DIMSEMessage.message_to_primitive, "f8f43d34e43450ef"),
 }
 
 
@@ -151,6 +154,81 @@ def test_c_store_rsp_command_is_what_pynetdicom_encodes(instance: str, status: i
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
     assert c_store_rsp_command(7, CT, instance, status) == encode(message.command_set, True, True)
+
+
+def _c_store_rq_command(**fields: object) -> bytes:
+    """A C-STORE-RQ command set as pynetdicom encodes it."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT
+    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request.Priority = 0
+    request.DataSet = BytesIO(b"\x00" * 8)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return encode(message.command_set, True, True)
+
+
+def _pynetdicom_primitive(raw: bytes) -> C_STORE:
+    message = C_STORE_RQ()
+    message.command_set = decode(BytesIO(raw), True, True)
+    message.data_set = BytesIO()
+    message.context_id = 1
+    return message.message_to_primitive()
+
+
+_PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                     "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"MessageID": 65535, "Priority": 2},
+    {"MessageID": 0, "Priority": 1, "AffectedSOPInstanceUID": "1." + "2" * 62},
+    {"AffectedSOPClassUID": MR, "AffectedSOPInstanceUID": "1.2.840.1"},
+])
+def test_c_store_rq_parse_gives_pynetdicoms_primitive(fields: dict[str, object]) -> None:
+    raw = _c_store_rq_command(**fields)
+    parsed = parse_c_store_rq(raw)
+    assert parsed is not None
+    expected = _pynetdicom_primitive(raw)
+    for name in _PRIMITIVE_FIELDS:
+        assert getattr(parsed, name) == getattr(expected, name), name
+    assert isinstance(parsed.AffectedSOPClassUID, UID)
+
+
+def test_c_store_rq_parse_warns_like_pynetdicom_on_a_non_conformant_uid() -> None:
+    raw = _c_store_rq_command().replace(b"1.2.3.4", b"1.2.x.4")
+    parsed, expected = parse_c_store_rq(raw), _pynetdicom_primitive(raw)
+    assert parsed is not None
+    assert parsed.AffectedSOPInstanceUID == expected.AffectedSOPInstanceUID == "1.2.x.4"
+
+
+def _echo_command() -> bytes:
+    echo = C_ECHO()
+    echo.MessageID = 3
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("move originator", _c_store_rq_command(MoveOriginatorApplicationEntityTitle="MOVER",
+                                            MoveOriginatorMessageID=9)),
+    ("C-ECHO", _echo_command()),
+    ("no data set", _c_store_rq_command().replace(
+        struct.pack("<HHIH", 0, 0x0800, 2, 0x0001), struct.pack("<HHIH", 0, 0x0800, 2, 0x0101))),
+    ("bad priority", _c_store_rq_command().replace(
+        struct.pack("<HHIH", 0, 0x0700, 2, 0), struct.pack("<HHIH", 0, 0x0700, 2, 7))),
+    ("not ASCII", _c_store_rq_command().replace(b"1.2.3.4", b"1.2.\xb3.4")),
+    ("cut", _c_store_rq_command()[:-3]),
+    ("empty", b""),
+])
+def test_c_store_rq_parse_leaves_the_rest_to_pynetdicom(name: str, raw: bytes) -> None:
+    assert parse_c_store_rq(raw) is None
 
 
 def _pdu(*pdvs: tuple[int, bytes]) -> bytes:

@@ -141,6 +141,78 @@ def c_store_rsp_command(
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
+#: Elements of a C-STORE-RQ command set (PS3.7 Table 9.3-1) that
+#: :func:`parse_c_store_rq` takes; a command with any other goes to pynetdicom.
+_C_STORE_RQ_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+_COMMAND_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+def parse_c_store_rq(raw: bytes) -> C_STORE | None:
+    """A C-STORE-RQ command set (Implicit VR Little Endian) as pynetdicom's primitive.
+
+    The same primitive pynetdicom's ``decode`` and ``message_to_primitive``
+    make of it (``tests/test_dimse_fastpath.py`` compares them), set through
+    the primitive's own validating setters, without a pydicom data set in
+    between.  None for anything else (another command, a data set type of
+    "none", a Move Originator, an element out of place or of unusual size,
+    a value the setters refuse): pynetdicom then decodes it as always.
+    """
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, element, length = _COMMAND_ELEMENT.unpack_from(raw, pos)
+        pos += 8
+        if group or element not in _C_STORE_RQ_ELEMENTS or element in values:
+            return None
+        if pos + length > end:
+            return None
+        values[element] = raw[pos : pos + length]
+        pos += length
+
+    def us(element: int) -> int | None:
+        value = values.get(element)
+        return _US.unpack(value)[0] if value is not None and len(value) == 2 else None
+
+    def ui(element: int) -> str | None:
+        value = values.get(element)
+        if value is None or not value.isascii():
+            return None
+        return value.decode("ascii").rstrip("\x00 ")
+
+    if us(0x0100) != 0x0001 or us(0x0800) in (None, 0x0101):
+        return None
+    message_id, priority = us(0x0110), us(0x0700)
+    sop_class, sop_instance = ui(0x0002), ui(0x1000)
+    if message_id is None or priority is None or not sop_class or not sop_instance:
+        return None
+    primitive = C_STORE()
+    try:
+        primitive.MessageID = message_id
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.AffectedSOPInstanceUID = sop_instance
+        primitive.Priority = priority
+    except (TypeError, ValueError):
+        return None
+    return primitive
+
+
+class _ParsedCStoreRQ(C_STORE_RQ):
+    """A C-STORE-RQ whose primitive :func:`parse_c_store_rq` already made."""
+
+    _primitive: C_STORE
+
+    def message_to_primitive(self) -> C_STORE:  # type: ignore[override]
+        primitive = self._primitive
+        primitive.DataSet = self.data_set
+        primitive._context_id = self.context_id  # noqa: SLF001 - as pynetdicom sets them
+        primitive._dataset_path = self._data_set_path  # noqa: SLF001
+        primitive._dataset_file = self._data_set_file  # noqa: SLF001
+        return primitive
+
+
 class DiscardSink:
     """Reads a data set the partner may not store, keeping nothing (R-XCH-3)."""
 
@@ -158,7 +230,8 @@ class DiscardSink:
 
 
 Sink = StreamSink | DiscardSink
-OpenSink = Callable[[Any, int, Any], Sink | None]
+#: (association, presentation context ID, SOP Class UID, SOP Instance UID) -> sink
+OpenSink = Callable[[Any, int, str, str], Sink | None]
 
 
 class _StreamingMessage(DIMSEMessage):
@@ -189,14 +262,26 @@ class _StreamingMessage(DIMSEMessage):
                 if not header & 0x02:
                     continue
                 self.context_id = context_id
-                self.command_set = decode(self.encoded_command_set, True, True)
-                target = _MESSAGE_TYPES[int(self.command_set.CommandField)][1]
-                if self.command_set.CommandDataSetType == 0x0101:  # no data set
-                    self.__class__ = target  # type: ignore[assignment]
-                    return True
-                self._target = target
-                if target is C_STORE_RQ:
-                    self._sink = self._open_sink(assoc, context_id, self.command_set)
+                parsed = None
+                if assoc is not None and not assoc.get_handlers(evt.EVT_DIMSE_RECV):
+                    parsed = parse_c_store_rq(self.encoded_command_set.getvalue())
+                if parsed is not None:  # the common case, without pydicom
+                    self._primitive = parsed
+                    self._target = target = _ParsedCStoreRQ
+                    sop_class = str(parsed.AffectedSOPClassUID)
+                    sop_instance = str(parsed.AffectedSOPInstanceUID)
+                else:
+                    self.command_set = decode(self.encoded_command_set, True, True)
+                    target = _MESSAGE_TYPES[int(self.command_set.CommandField)][1]
+                    if self.command_set.CommandDataSetType == 0x0101:  # no data set
+                        self.__class__ = target  # type: ignore[assignment]
+                        return True
+                    self._target = target
+                    if target is C_STORE_RQ:
+                        sop_class = str(self.command_set.AffectedSOPClassUID)
+                        sop_instance = str(self.command_set.AffectedSOPInstanceUID)
+                if target in (C_STORE_RQ, _ParsedCStoreRQ):
+                    self._sink = self._open_sink(assoc, context_id, sop_class, sop_instance)
                     if self._sink is not None:
                         # message_to_primitive hands these to the C-STORE primitive.
                         self._data_set_file = self._sink  # type: ignore[assignment]
@@ -284,7 +369,9 @@ class StorageScp:
         self._parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sekisho-dimse-index")
 
     # -- on the DUL thread, when a C-STORE-RQ command has been decoded -------
-    def open_sink(self, assoc: Any, context_id: int, command_set: Any) -> Sink | None:
+    def open_sink(
+        self, assoc: Any, context_id: int, sop_class: str, sop_instance: str
+    ) -> Sink | None:
         session: Session | None = getattr(assoc, "session", None)
         if session is None or not session.principal.partner.may("push"):
             return DiscardSink()
@@ -293,16 +380,17 @@ class StorageScp:
             return None  # pynetdicom answers an unknown context itself
         if session.ingest is None:
             session.ingest = IngestWorker(
-                self.gw.files, self.max_instance_bytes, fsync=self.gw.settings.store.fsync,
+                self.gw.files,
+                self.max_instance_bytes,
+                fsync=self.gw.settings.store.fsync,
                 parser=self._parser,
             )
-        sop_class = str(command_set.AffectedSOPClassUID)
         return session.ingest.open(
             sop_class,
             partial(
                 part10_header,
                 sop_class,
-                str(command_set.AffectedSOPInstanceUID),
+                sop_instance,
                 str(context.transfer_syntax[0]),
             ),
         )
