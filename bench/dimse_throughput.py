@@ -18,12 +18,19 @@ time per instance, the ratio Sekisho/storescp (target >= 0.8 for the
 like-for-like case) and Sekisho's peak RSS (``VmHWM`` from
 ``/proc/PID/status``), which must stay flat: data sets stream to disk.
 
-Usage: ``python bench/dimse_throughput.py [--quick] [--instances N] [--size 512]
-[--rounds 3]``.
+Before the timed rounds, each receiver gets one untimed warm-up study
+(``--warmup`` instances, 100 by default): the first data sets a freshly
+started receiver takes run slower while its process and page cache settle,
+and that would weigh on a round of only a few hundred instances.
 
-Forwarding throughput (Sekisho -> Orthanc over DICOM TLS) belongs to the
-outbound side (``gateway.forward``): :func:`measure_forwarding_to_orthanc` is
-the hook where it is to be plugged in; it reports "not measured" until then.
+Usage: ``python bench/dimse_throughput.py [--quick] [--instances N] [--size 512]
+[--rounds 3] [--warmup 100] [--no-forwarding]``.
+
+Forwarding throughput (Sekisho -> Orthanc over DICOM TLS, through the
+gateway's durable queue) is measured afterwards by running
+``bench/forward_throughput.py --targets orthanc`` on the same number of
+instances, against DCMTK ``storescu +tls`` sending the same files to the same
+Orthanc; its table and ratio are printed at the end.
 """
 
 from __future__ import annotations
@@ -218,13 +225,19 @@ def start_sekisho(work: Path, *, fsync: bool) -> Receiver:
     return receiver
 
 
-def measure_forwarding_to_orthanc(work: Path) -> Result | None:
-    """Hook for the outbound side: forwarding the study to Orthanc over DICOM TLS.
-
-    To be implemented with ``gateway.forward`` (queue + C-STORE SCU); until then
-    the benchmark reports it as not measured.
-    """
-    return None
+def measure_forwarding_to_orthanc(count: int) -> list[str]:
+    """The summary lines of ``bench/forward_throughput.py --targets orthanc``."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "forward_throughput.py"), "--targets", "orthanc",
+         "--instances", str(count)],
+        capture_output=True, text=True, cwd=ROOT, timeout=3600,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0:
+        return [f"forward_throughput.py failed ({proc.returncode}):", *lines[-5:],
+                *proc.stderr.splitlines()[-5:]]
+    start = next((i for i, line in enumerate(lines) if line.startswith("receiver")), 0)
+    return lines[max(0, start - 1):]
 
 
 def median(values: list[float]) -> float:
@@ -237,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3, help="fresh study per round; medians")
+    parser.add_argument("--warmup", type=int, default=100,
+                        help="instances of the untimed warm-up study (0: none)")
+    parser.add_argument("--no-forwarding", action="store_true",
+                        help="skip the forwarding measurement (Sekisho -> Orthanc)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     count, size = (100, 256) if args.quick else (args.instances, args.size)
@@ -251,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         durable = start_sekisho(work, fsync=True)
         receivers.append(durable)
         results: dict[str, list[Result]] = {r.name: [] for r in (scp, off, durable)}
+        if args.warmup:
+            files = work / "warmup"
+            warm_bytes = generate_study(files, args.warmup, size)
+            for receiver in (scp, off, durable):
+                receiver.send(files, args.warmup, warm_bytes)
+            shutil.rmtree(files)
         nbytes = 0
         for n in range(1, args.rounds + 1):
             files = work / f"study-{n}"
@@ -264,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{results[off.name][-1].per_second / results[scp.name][-1].per_second:.2f}")
         print(f"study: {count} instances of {size}x{size} 16-bit, {nbytes / 1e6:.1f} MB, "
               f"max PDU {MAX_PDU}, storescu +tls, TCP_NODELAY=1; medians of {args.rounds} "
-              f"round(s)")
+              f"round(s) after a warm-up of {args.warmup}")
         for name, rs in results.items():
             rss = rs[-1].peak_rss_kib
             print(f"  {name:24} {median([r.seconds for r in rs]):7.2f} s  "
@@ -285,11 +308,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(rounds: {', '.join(f'{r:.2f}' for r in ratios['on'])})")
         print(f"Sekisho peak RSS (VmHWM): {results[off.name][-1].peak_rss_kib} KiB (fsync off), "
               f"{results[durable.name][-1].peak_rss_kib} KiB (fsync on)")
-        forwarding = measure_forwarding_to_orthanc(work)
-        print("forwarding to Orthanc: " + (
-            f"{forwarding.mb_per_second:.1f} MB/s" if forwarding
-            else "not measured here (gateway.forward hook: measure_forwarding_to_orthanc)"
-        ))
+        if not args.no_forwarding:
+            print(f"forwarding to Orthanc over DICOM TLS ({count} instances, "
+                  "bench/forward_throughput.py):")
+            for line in measure_forwarding_to_orthanc(count):
+                print(f"  {line}")
     finally:
         for receiver in receivers:
             receiver.stop()

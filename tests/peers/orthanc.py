@@ -278,6 +278,9 @@ class OrthancPeer:
             [ORTHANC_BINARY, config_path],
             self.workdir / "orthanc.log",
             cwd=self.workdir,
+            # Debian's DCMTK, which Orthanc's DICOM side uses, leaves Nagle's
+            # algorithm on unless this is exported (then ~20 instances/s).
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
         if not wait_until(self._orthanc_ready, self.options.startup_timeout, 0.2):
             raise self.orthanc.fail("did not answer on its HTTP port")
