@@ -70,6 +70,11 @@ PINNED_SOURCES = {
     "StorageServiceClass.SCP": (service_class.StorageServiceClass.SCP, "63afca7fc6c6e7ee"),
     "DIMSEMessage.message_to_primitive": (
         dimse_messages.DIMSEMessage.message_to_primitive, "f8f43d34e43450ef"),
+    # gateway.dimse.pdata (pre-encoded C-STORE-RQ PDUs written by the DUL thread)
+    "DIMSEMessage.encode_msg": (dimse_messages.DIMSEMessage.encode_msg, "73000c902c52832d"),
+    "DULServiceProvider._process_recv_primitive": (
+        dul.DULServiceProvider._process_recv_primitive, "4c0ebbb3e646e35e"),
+    "fsm.DT_1": (fsm.DT_1, "82e5c5d4114534fa"),
 }
 
 
@@ -348,6 +353,41 @@ def test_ingest_stores_the_received_bytes_at_their_content_address(tmp_path: Pat
     finally:
         worker.close()
     assert list(store.tmp.iterdir()) == []  # the file opened ahead is gone too
+
+
+@pytest.mark.parametrize("written", [0, 1, 4095, 100_000, 200_000, 200_001, 700_000])
+def test_a_preallocated_file_holds_exactly_what_was_written(tmp_path: Path, written: int) -> None:
+    store = FileStore(tmp_path / "store")
+    writer = store.writer(10**8)
+    writer.preallocate(200_000)
+    data = bytes(range(256)) * (written // 256) + b"x" * (written % 256)
+    for start in range(0, len(data), 65536):
+        writer.write(data[start : start + 65536])
+    staged = writer.finish(fsync=False)
+    assert staged.path.read_bytes() == data
+    assert staged.size == len(data) and staged.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_successive_instances_of_varying_size_on_one_worker(tmp_path: Path) -> None:
+    """Each spare file is filled to the previous instance's size; none may keep its zeros."""
+    store = FileStore(tmp_path / "store")
+    worker = IngestWorker(store, 10**8, fsync=False)
+    try:
+        for pixels in (300_000, 20_000, 500_000, 500_000, 64, 250_000):
+            data = _file(pixels=pixels)
+            header_len = data.index(b"DICM") + 4
+            meta_end = header_len + 12 + struct.unpack_from("<I", data, header_len + 8)[0]
+            sink = worker.open(CT, lambda d=data, m=meta_end: d[:m])
+            view = memoryview(bytearray(data[meta_end:]))
+            for start in range(0, len(view), 131066):
+                sink.write(view[start : start + 131066])
+            sink.end()
+            assert sink.wait(30)
+            assert sink.failure is None, sink.failure
+            assert store.object_path(sink.staged.sha256).read_bytes() == data
+    finally:
+        worker.close()
+    assert list(store.tmp.iterdir()) == []
 
 
 def test_ingest_refuses_a_data_set_of_another_sop_class(tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ indexing falls back to for any other value.
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
@@ -104,7 +104,13 @@ def test_shortcut_taken_for_plain_values() -> None:
     assert type(ds._dict[pydicom.tag.Tag("PatientID")]).__name__ == "RawDataElement"
 
 
-@pytest.mark.parametrize("path", get_testdata_files("*.dcm")[:200])
+#: pydicom's bundled test files (get_testdata_files would try to download more).
+TEST_FILES = sorted(
+    str(p) for p in (Path(pydicom.__file__).parent / "data" / "test_files").glob("*.dcm")
+)
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.rsplit("/", 1)[-1])
 def test_index_of_test_files_matches_reference(path: str) -> None:
     try:
         fast, slow = (pydicom.dcmread(path, defer_size=1024) for _ in range(2))
@@ -144,7 +150,7 @@ def _both_ways(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _files() -> list[str]:
-    return sorted(get_testdata_files("*.dcm"))
+    return TEST_FILES
 
 
 @pytest.mark.parametrize("path", _files(), ids=lambda p: p.rsplit("/", 1)[-1])

@@ -162,11 +162,17 @@ class IngestWorker:
         find the file's pages in place.
         """
         if self._spare is None and not self._closed:
+            spare = None
             try:
-                self._spare = spare = self.files.writer(self._max_bytes)
+                spare = self.files.writer(self._max_bytes)
                 spare.preallocate(min(self._last_size, PREALLOCATE_MAX))
             except OSError as exc:
+                # Half filled, or not at its start: the next data set opens its own.
+                if spare is not None:
+                    spare.abort()
                 log.warning("could not prepare a temporary file ahead: %s", exc.strerror)
+                return
+            self._spare = spare
 
 
 class StreamSink:

@@ -45,6 +45,7 @@ from pynetdicom import AE, _handlers, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
+from gateway.dimse import pdata
 from gateway.forward import commitment
 from gateway.forward.batch import BatchResult, SendItem, SentInstance
 from gateway.forward.destinations import (
@@ -60,8 +61,11 @@ from gateway.forward.integrity import InstanceDigest, digest_file, sha256_bytes
 log = logging.getLogger("sekisho.forward")
 
 #: C-STORE warning statuses: stored, possibly with coercion (PS3.4 B.2.3).
-WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
-            0xB007: "data set does not match SOP class"}
+WARNINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
 #: pynetdicom presentation context results (PS3.8 9.3.3.2).
 _ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 #: pynetdicom's DUL reactor sleeps this long whenever its event queue is empty
@@ -70,6 +74,8 @@ _ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 #: bench/forward_throughput.py).  Restored to the default while the association
 #: only waits for a Storage Commitment report.
 _BUSY_LOOP_DELAY = 0.0001
+#: C-STORE-RQ Priority: low, as pynetdicom's default (PS3.7 9.3.1.1).
+_PRIORITY = 0x0002
 _IDLE_LOOP_DELAY = 0.001
 
 
@@ -151,16 +157,20 @@ def diagnose_connection(dest: DestinationSettings, ctx: ssl.SSLContext) -> str:
         return f"TLS connection to {dest.host}:{dest.port} failed: {exc.strerror or exc}"
     finally:
         sock.close()
-    return (f"TLS works but no DICOM association with {dest.called_ae}@{dest.host}:{dest.port} "
-            "(no answer, aborted, or our certificate was refused)")
+    return (
+        f"TLS works but no DICOM association with {dest.called_ae}@{dest.host}:{dest.port} "
+        "(no answer, aborted, or our certificate was refused)"
+    )
 
 
 def _association_failure(assoc: Any, dest: DestinationSettings, ctx: ssl.SSLContext) -> str:
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         try:
-            return (f"association rejected by {dest.called_ae}@{dest.host}:{dest.port}: "
-                    f"{rsp.reason_str} ({rsp.result_str}, {rsp.source_str})")
+            return (
+                f"association rejected by {dest.called_ae}@{dest.host}:{dest.port}: "
+                f"{rsp.reason_str} ({rsp.result_str}, {rsp.source_str})"
+            )
         except Exception:  # noqa: BLE001
             return f"association rejected by {dest.called_ae}@{dest.host}:{dest.port}"
     return diagnose_connection(dest, ctx)
@@ -168,7 +178,8 @@ def _association_failure(assoc: Any, dest: DestinationSettings, ctx: ssl.SSLCont
 
 def _accepted(assoc: Any, sop_class: str) -> list[str]:
     return [
-        str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
         if cx.abstract_syntax == sop_class and cx.as_scu is not False
     ]
 
@@ -178,6 +189,12 @@ def _class_supported(assoc: Any, sop_class: str) -> bool:
     return not results or any(r != _ABSTRACT_SYNTAX_NOT_SUPPORTED for r in results)
 
 
+def _no_syntax(assoc: Any, item: SendItem) -> tuple[str, bool]:
+    """The permanent failure of an instance no accepted context can carry (R-XCH-6)."""
+    supported = _class_supported(assoc, item.sop_class_uid)
+    return no_syntax_reason(item.sop_class_uid, item.transfer_syntax, supported), True
+
+
 def _store_one(assoc: Any, item: SendItem, ts: str, msg_id: int) -> tuple[Any, str, InstanceDigest]:
     digest = digest_file(item.path)
     if digest.file_sha256 != item.sha256:
@@ -185,8 +202,9 @@ def _store_one(assoc: Any, item: SendItem, ts: str, msg_id: int) -> tuple[Any, s
             "the local copy no longer matches the SHA-256 recorded on receipt; not sent"
         )
     if ts == item.transfer_syntax:
-        status = _send_c_store(assoc, item, ts, msg_id, dataset_path=(item.path,
-                                                                     digest.dataset_offset))
+        status = _send_c_store(
+            assoc, item, ts, msg_id, dataset_path=(item.path, digest.dataset_offset)
+        )
         return status, digest.dataset_sha256, digest
     # Explicit <-> Implicit VR Little Endian only (lossless; see destinations.proposed_syntaxes).
     target = UID(ts)
@@ -198,28 +216,54 @@ def _store_one(assoc: Any, item: SendItem, ts: str, msg_id: int) -> tuple[Any, s
 
 
 def _send_c_store(
-    assoc: Any, item: SendItem, ts: str, msg_id: int, *,
-    dataset_path: tuple[Path, int] | None = None, data: bytes | None = None,
+    assoc: Any,
+    item: SendItem,
+    ts: str,
+    msg_id: int,
+    *,
+    dataset_path: tuple[Path, int] | None = None,
+    data: bytes | None = None,
 ) -> Any:
     """One C-STORE request and its response (PS3.7 9.1.1); returns the status dataset.
 
-    ``dataset_path``: (stored file, dataset offset), streamed unchanged by pynetdicom's
-    file-backed encoder; ``data``: an already encoded dataset.  The caller holds the
-    association's reactor paused (:func:`_reactor_paused`).
+    ``dataset_path``: (stored file, dataset offset), sent unchanged as pre-encoded
+    P-DATA-TF PDUs (:mod:`gateway.dimse.pdata`), or by pynetdicom's file-backed encoder
+    when a handler watches what is sent; ``data``: an already encoded dataset.  The
+    caller holds the association's reactor paused (:func:`_reactor_paused`).
     """
     context = assoc._get_valid_context(  # noqa: SLF001 - pynetdicom's role-aware lookup
         item.sop_class_uid, ts, "scu", allow_conversion=False
     )
+    if dataset_path is not None and pdata.fast_send_possible(assoc):
+        path, offset = dataset_path
+        with open(path, "rb") as fh:
+            length = fh.seek(0, 2) - offset
+            fh.seek(offset)
+            pdata.send_c_store(
+                assoc,
+                context.context_id,
+                msg_id,
+                item.sop_class_uid,
+                item.sop_uid,
+                _PRIORITY,
+                fh,
+                length,
+            )
+        return _await_response(assoc)
     req = C_STORE()
     req.MessageID = msg_id
     req.AffectedSOPClassUID = item.sop_class_uid
     req.AffectedSOPInstanceUID = item.sop_uid
-    req.Priority = 0x0002  # low, as pynetdicom's default
+    req.Priority = _PRIORITY
     if dataset_path is not None:
         req._dataset_path = dataset_path  # noqa: SLF001 - file-backed encoder
     else:
         req.DataSet = BytesIO(data or b"")
     assoc.dimse.send_msg(req, context.context_id)
+    return _await_response(assoc)
+
+
+def _await_response(assoc: Any) -> Any:
     _cx, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()  # noqa: SLF001
@@ -269,9 +313,15 @@ def _status_words(status: Any) -> tuple[bool, str]:
     if code in WARNINGS:
         return True, f"C-STORE warning 0x{code:04X} ({WARNINGS[code]})"
     comment = str(status.get("ErrorComment", "") or "")[:200]
-    kind = "out of resources" if 0xA700 <= code <= 0xA7FF else (
-        "data set does not match SOP class" if 0xA900 <= code <= 0xA9FF else (
-            "cannot understand" if 0xC000 <= code <= 0xCFFF else "refused"))
+    kind = (
+        "out of resources"
+        if 0xA700 <= code <= 0xA7FF
+        else (
+            "data set does not match SOP class"
+            if 0xA900 <= code <= 0xA9FF
+            else ("cannot understand" if 0xC000 <= code <= 0xCFFF else "refused")
+        )
+    )
     text = f"destination refused the instance: C-STORE 0x{code:04X} ({kind}) {comment}"
     return False, text.strip()
 
@@ -300,16 +350,17 @@ def send_batch(
     if on_event_report is not None:
         handlers.append((evt.EVT_N_EVENT_REPORT, on_event_report))
     assoc = ae.associate(
-        dest.host, dest.port, ae_title=dest.called_ae, tls_args=(ctx, dest.tls_name),
+        dest.host,
+        dest.port,
+        ae_title=dest.called_ae,
+        tls_args=(ctx, dest.tls_name),
         evt_handlers=handlers,
     )
     try:
         if not assoc.is_established:
             if assoc.rejected_contexts and not assoc.accepted_contexts:
                 for item in chosen:
-                    result.failures[item.job_id] = (no_syntax_reason(
-                        item.sop_class_uid, item.transfer_syntax,
-                        _class_supported(assoc, item.sop_class_uid)), True)
+                    result.failures[item.job_id] = _no_syntax(assoc, item)
                 return result
             error = _association_failure(assoc, dest, ctx)
             for item in chosen:
@@ -319,9 +370,12 @@ def send_batch(
             for item in chosen:
                 result.failures[item.job_id] = (
                     "destination does not accept the Storage Commitment Push Model SOP Class "
-                    "(configured storage_commitment = true)", True)
+                    "(configured storage_commitment = true)",
+                    True,
+                )
             return result
         _tune(assoc)
+        pdata.install_fast_send(assoc.dul)
         _loop_delay(assoc, _BUSY_LOOP_DELAY)
         with _reactor_paused(assoc):
             _send_all(assoc, chosen, callbacks, stop, result)
@@ -337,7 +391,10 @@ def send_batch(
 
 
 def _send_all(
-    assoc: Any, chosen: Sequence[SendItem], callbacks: SendCallbacks, stop: threading.Event,
+    assoc: Any,
+    chosen: Sequence[SendItem],
+    callbacks: SendCallbacks,
+    stop: threading.Event,
     result: BatchResult,
 ) -> None:
     for n, item in enumerate(chosen):
@@ -346,9 +403,7 @@ def _send_all(
             return
         ts = choose_syntax(item.transfer_syntax, _accepted(assoc, item.sop_class_uid))
         if ts is None:
-            result.failures[item.job_id] = (no_syntax_reason(
-                item.sop_class_uid, item.transfer_syntax,
-                _class_supported(assoc, item.sop_class_uid)), True)
+            result.failures[item.job_id] = _no_syntax(assoc, item)
             continue
         try:
             status, dataset_sha, digest = _store_one(assoc, item, ts, msg_id=(n % 65535) + 1)
@@ -361,9 +416,10 @@ def _send_all(
         if not status or "Status" not in status:
             result.failures[item.job_id] = (
                 "no C-STORE response (timeout, or the destination aborted the association)",
-                False)
+                False,
+            )
             # The association is unusable: give the rest back without counting an attempt.
-            result.untouched.extend(i.job_id for i in chosen[n + 1:])
+            result.untouched.extend(i.job_id for i in chosen[n + 1 :])
             if assoc.is_established:
                 assoc.abort()
             return
@@ -376,8 +432,12 @@ def _send_all(
 
 
 def _request_commitment(
-    assoc: Any, dest: DestinationSettings, chosen: Sequence[SendItem],
-    callbacks: SendCallbacks, stop: threading.Event, result: BatchResult,
+    assoc: Any,
+    dest: DestinationSettings,
+    chosen: Sequence[SendItem],
+    callbacks: SendCallbacks,
+    stop: threading.Event,
+    result: BatchResult,
 ) -> None:
     """N-ACTION Request Storage Commitment, then wait for the report (PS3.4 J.3.2, J.3.3)."""
     if not assoc.is_established:
@@ -391,8 +451,10 @@ def _request_commitment(
     waiter = commitment.expect_report(tx)
     try:
         status, _reply = assoc.send_n_action(
-            commitment.build_action_information(tx, refs), 1,
-            STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
+            commitment.build_action_information(tx, refs),
+            1,
+            STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_INSTANCE,
         )
         if not status or "Status" not in status:
             result.commitment_error = "no N-ACTION response to the Storage Commitment request"
@@ -404,8 +466,7 @@ def _request_commitment(
             return
         _loop_delay(assoc, _IDLE_LOOP_DELAY)
         remaining = dest.commitment_timeout_seconds
-        while remaining > 0 and not waiter.is_set() and not stop.is_set() \
-                and assoc.is_established:
+        while remaining > 0 and not waiter.is_set() and not stop.is_set() and assoc.is_established:
             waiter.wait(min(0.2, remaining))
             remaining -= 0.2
         result.committed_in_association = waiter.is_set()

@@ -58,11 +58,11 @@ class HashingWriter:
         """
         if self.size or nbytes <= 0:
             return
+        self._preallocated = nbytes  # finish() cuts the file even if filling fails
         left = nbytes
         while left > 0:
             left -= self._fh.write(_ZEROS[: min(left, CHUNK)]) or 0
         self._fh.seek(0)
-        self._preallocated = nbytes
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         self.size += len(chunk)
