@@ -15,8 +15,9 @@ fragments (views into the received PDUs; nothing is copied).  The worker
 * hashes and writes every fragment (both release the GIL, so this runs
   beside the DUL thread's reads);
 * parses the index attributes from the data set's first
-  :data:`PREFIX_BYTES` (:class:`PrefixIndex`) as soon as they are there,
-  while the pixel data is still arriving;
+  :data:`PREFIX_BYTES` (:class:`PrefixIndex`, a lean scan: well under a
+  tenth of a millisecond) as soon as they are there, while the pixel data
+  is still arriving;
 * at the last fragment, fdatasyncs the file when the store is durable, and
   signals the C-STORE handler, which waits for it (:meth:`StreamSink.wait`)
   before it renames the file, commits the index and answers.
@@ -34,7 +35,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from typing import Any
 
 from gateway.store.files import FileStore, HashingWriter, StagedFile
@@ -84,19 +84,11 @@ Job = tuple[Callable[[Any], None], Any, int]
 
 
 class IngestWorker:
-    """The thread that writes one association's C-STORE data sets, one after another.
+    """The thread that writes one association's C-STORE data sets, one after another."""
 
-    ``parser`` runs the :class:`PrefixIndex` parses (pure Python, holding the
-    GIL) beside the worker's hashing and writing (which release it); without
-    one, or once it is shut down, the worker parses itself.
-    """
-
-    def __init__(
-        self, files: FileStore, max_bytes: int, *, fsync: bool, parser: Executor | None = None
-    ) -> None:
+    def __init__(self, files: FileStore, max_bytes: int, *, fsync: bool) -> None:
         self.files = files
         self.fsync = fsync
-        self.parser = parser
         self._max_bytes = max_bytes
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._budget = _Budget(IN_FLIGHT_BYTES)
@@ -192,7 +184,7 @@ class StreamSink:
         self._sop_class_uid = sop_class_uid
         self._writer: HashingWriter | None = None
         self._prefix = bytearray()
-        self._parsed: Future[PrefixIndex] | None = None
+        self._parsed: PrefixIndex | None = None
         self._error: SekishoError | None = None
         self._done = threading.Event()
         #: (message, DIMSE status) when the instance is refused.
@@ -259,16 +251,8 @@ class StreamSink:
         if missing > 0:
             self._prefix += data[:missing]
             if len(self._prefix) >= PREFIX_BYTES:
-                self._parse_soon()
-
-    def _parse_soon(self) -> None:
-        """Parse the prefix beside the writing of the rest of the data set."""
-        parser = self._worker.parser
-        if parser is not None:
-            try:
-                self._parsed = parser.submit(PrefixIndex, self._prefix)
-            except RuntimeError:  # shut down: parse at the end
-                self._parsed = None
+                # Index attributes while the rest of the data set arrives.
+                self._parsed = PrefixIndex(self._prefix)
 
     def _fail(self, exc: SekishoError) -> None:
         self._error = exc
@@ -316,7 +300,7 @@ class StreamSink:
         self.staged, self.index = staged, index
 
     def _index_of(self, staged: StagedFile) -> InstanceIndex:
-        parsed = self._parsed.result() if self._parsed is not None else PrefixIndex(self._prefix)
+        parsed = self._parsed if self._parsed is not None else PrefixIndex(self._prefix)
         index = parsed.result(staged.size)
         return index if index is not None else index_instance(staged.path)
 

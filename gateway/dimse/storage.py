@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from io import BytesIO
 from typing import Any
@@ -365,8 +364,6 @@ class StorageScp:
         self.max_instance_bytes = max_instance_bytes
         self.record = record
         self.deny = deny
-        # Index attributes are parsed here while the ingest workers write (ingest.PrefixIndex).
-        self._parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sekisho-dimse-index")
 
     # -- on the DUL thread, when a C-STORE-RQ command has been decoded -------
     def open_sink(
@@ -383,7 +380,6 @@ class StorageScp:
                 self.gw.files,
                 self.max_instance_bytes,
                 fsync=self.gw.settings.store.fsync,
-                parser=self._parser,
             )
         return session.ingest.open(
             sop_class,
@@ -402,8 +398,7 @@ class StorageScp:
             worker.close()
 
     def close(self) -> None:
-        """Stop the index parsers (the service is stopping)."""
-        self._parser.shutdown(wait=False)
+        """Nothing to stop: each association's ingest worker stops with it."""
 
     # -- on the association thread: EVT_C_STORE ------------------------------
     def handle(self, event: Any) -> int:
