@@ -6,8 +6,9 @@ PDU object and its encoder before it reaches the socket.  With a peer that
 offers 16 KiB PDUs (Orthanc's default) that is 32 trips per 512 KiB instance,
 and the sender waits for all of them before the response can come.
 
-Here the command set is encoded directly (:func:`c_store_rq_command`, the
-bytes pynetdicom encodes), the data set is read from the stored file, and
+Here the command set is encoded directly (:func:`c_store_rq_command`; the
+receiver's responses likewise, :func:`c_store_rsp_command`: the bytes
+pynetdicom encodes), the data set is read from the stored file, and
 both are cut into exactly the PDUs pynetdicom would send (same fragment
 sizes, same message control headers: ``tests/test_dimse_pdata.py`` compares
 the bytes).  They reach the DUL in blocks of whole PDUs (:class:`EncodedPData`),
@@ -33,13 +34,38 @@ BLOCK_BYTES = 1024 * 1024
 _PDV_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, item length, ID, MCH
 
 
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(uid: str) -> bytes:
+def _ui(element: int, uid: str) -> bytes:
     raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw  # UI padding (PS3.5 6.2)
+    if len(raw) % 2:
+        raw += b"\0"  # UI values are padded with NUL to even length (PS3.5 6.2)
+    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+
+def c_store_rsp_command(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+) -> bytes:
+    """The command set of a C-STORE-RSP without data set (PS3.7 9.3.1.2, Table 9.3-2).
+
+    Implicit VR Little Endian (PS3.7 6.3.1), elements in tag order, led by
+    the Command Group Length: the same bytes pynetdicom encodes for such a
+    response (``tests/test_dimse_fastpath.py`` compares them), built without a
+    pydicom data set round trip.
+    """
+    body = b"".join(
+        (
+            _ui(0x0002, sop_class_uid),
+            _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+            _us(0x0120, message_id),
+            _us(0x0800, 0x0101),  # Command Data Set Type: none
+            _us(0x0900, status),
+            _ui(0x1000, sop_instance_uid),
+        )
+    )
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 def c_store_rq_command(
@@ -47,20 +73,20 @@ def c_store_rq_command(
 ) -> bytes:
     """The command set of a C-STORE-RQ with a data set (PS3.7 Table 9.3-1).
 
-    Implicit VR Little Endian, elements in tag order after the Command Group
-    Length, as pynetdicom encodes a request without Move Originator.
+    Encoded like :func:`c_store_rsp_command`, as pynetdicom encodes a request
+    without Move Originator (``tests/test_dimse_pdata.py`` compares them).
     """
     body = b"".join(
         (
-            _element(0x0002, _uid(sop_class_uid)),
-            _element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-            _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", priority)),
-            _element(0x0800, struct.pack("<H", 0x0001)),  # Command Data Set Type: present
-            _element(0x1000, _uid(sop_instance_uid)),
+            _ui(0x0002, sop_class_uid),
+            _us(0x0100, 0x0001),  # Command Field: C-STORE-RQ
+            _us(0x0110, message_id),
+            _us(0x0700, priority),
+            _us(0x0800, 0x0001),  # Command Data Set Type: present
+            _ui(0x1000, sop_instance_uid),
         )
     )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 def _pdu(context_id: int, control: int, fragment: bytes | memoryview) -> bytes:

@@ -231,7 +231,6 @@ class DimseService:
             while self._active and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.server = None
-        self.storage.close()
         if self._own_loop is not None:
             self._own_loop.call_soon_threadsafe(self._own_loop.stop)
             self._own_loop = None

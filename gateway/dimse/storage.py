@@ -44,6 +44,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.audit import events as ev
 from gateway.dimse.ingest import IngestWorker, StreamSink
+from gateway.dimse.pdata import c_store_rsp_command
 from gateway.dimse.session import Session
 from gateway.service import Gateway
 from gateway.store.files import StagedFile
@@ -104,40 +105,6 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     )
     group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
-
-
-def _ui(element: int, uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    if len(raw) % 2:
-        raw += b"\0"  # UI values are padded with NUL to even length (PS3.5 6.2)
-    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
-
-
-def _us(element: int, value: int) -> bytes:
-    return struct.pack("<HHIH", 0x0000, element, 2, value)
-
-
-def c_store_rsp_command(
-    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
-) -> bytes:
-    """The command set of a C-STORE-RSP without data set (PS3.7 9.3.1.2, Table 9.3-2).
-
-    Implicit VR Little Endian (PS3.7 6.3.1), elements in tag order, led by
-    the Command Group Length: the same bytes pynetdicom encodes for such a
-    response (``tests/test_dimse_fastpath.py`` compares them), built without a
-    pydicom data set round trip.
-    """
-    body = b"".join(
-        (
-            _ui(0x0002, sop_class_uid),
-            _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
-            _us(0x0120, message_id),
-            _us(0x0800, 0x0101),  # Command Data Set Type: none
-            _us(0x0900, status),
-            _ui(0x1000, sop_instance_uid),
-        )
-    )
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 #: Elements of a C-STORE-RQ command set (PS3.7 Table 9.3-1) that
@@ -396,9 +363,6 @@ class StorageScp:
         worker, session.ingest = session.ingest, None
         if worker is not None:
             worker.close()
-
-    def close(self) -> None:
-        """Nothing to stop: each association's ingest worker stops with it."""
 
     # -- on the association thread: EVT_C_STORE ------------------------------
     def handle(self, event: Any) -> int:

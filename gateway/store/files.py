@@ -22,7 +22,7 @@ from pki.errors import PayloadTooLargeError, StoreError
 
 CHUNK = 1024 * 1024
 #: Zeros written by :meth:`HashingWriter.preallocate`, a slice at a time.
-_ZEROS = bytes(CHUNK)
+_ZEROS = memoryview(bytes(CHUNK))
 
 
 @dataclass(frozen=True)
