@@ -64,6 +64,24 @@ def require_tool(name: str) -> str:
     return path
 
 
+def openssl_cms_verify(
+    data: Path, p7s: Path, ca: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``openssl cms -verify`` of a detached DER signature over ``data``, trusting ``ca``.
+
+    OpenSSL is a required peer: a missing ``openssl`` fails the test, it does not skip it.
+    """
+    return subprocess.run(
+        [
+            "openssl", "cms", "-verify", "-binary", "-content", str(data),
+            "-inform", "DER", "-in", str(p7s), "-CAfile", str(ca), *extra, "-out", "/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+
+
 _TS_CONFIG = """\
 [ tsa ]
 default_tsa = sekisho_test_tsa

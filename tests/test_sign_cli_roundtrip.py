@@ -23,6 +23,7 @@ from tests.signing_fixtures import (  # noqa: F401 - fixtures are used by name
     loopback_tsa,
     make_pdf,
     make_sc_dataset,
+    openssl_cms_verify,
     require_tool,
     signing_pki,
     softhsm_token,
@@ -272,28 +273,7 @@ def test_file_p7s_round_trip_with_openssl_cms(inst, signing_pki, tmp_path) -> No
     data.write_bytes(b"imported record payload\n" * 100)
     proc = sign(inst, "file", data, p7s, signer_arg(signing_pki), "imported-record")
     assert proc.returncode == 0, proc.stderr
-    cms = subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-verify",
-            "-binary",
-            "-inform",
-            "DER",
-            "-in",
-            str(p7s),
-            "-content",
-            str(data),
-            "-CAfile",
-            str(signing_pki.cert_path("hpki-root-ca")),
-            "-purpose",
-            "any",
-            "-out",
-            "/dev/null",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    cms = openssl_cms_verify(data, p7s, signing_pki.cert_path("hpki-root-ca"), "-purpose", "any")
     assert cms.returncode == 0, cms.stderr
 
     proc = verify(inst, data, "--type", "imported-record", "--json")  # default: FILE.p7s

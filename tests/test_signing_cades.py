@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 from asn1crypto import cms
@@ -19,6 +18,7 @@ from signing.tsa import SekishoTimeStamper, TsaClient, verify_token
 from signing.verify import judge
 from tests.signing_fixtures import (  # noqa: F401 - fixtures are used by name
     loopback_tsa,
+    openssl_cms_verify,
     p12_spec,
     require_tool,
     signing_pki,
@@ -35,30 +35,6 @@ CONTENT = b"%scanned consent form, not a PDF\n" + bytes(range(256)) * 8
 async def _sign(pki, url, trust) -> bytes:
     async with await open_signer(p12_spec(pki)) as signer:
         return await sign_detached(CONTENT, signer, SekishoTimeStamper(TsaClient(url, trust)))
-
-
-def openssl_cms_verify(data: Path, p7s: Path, ca: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            require_tool("openssl"),
-            "cms",
-            "-verify",
-            "-binary",
-            "-content",
-            str(data),
-            "-inform",
-            "DER",
-            "-in",
-            str(p7s),
-            "-CAfile",
-            str(ca),
-            "-out",
-            "/dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 async def test_p7s_verifies_with_openssl_and_its_timestamp_too(

@@ -20,6 +20,7 @@ from signing.verify import judge
 from tests.signing_fixtures import (  # noqa: F401 - fixtures are used by name
     loopback_tsa,
     make_pdf,
+    openssl_cms_verify,
     p12_spec,
     require_tool,
     signing_pki,
@@ -102,34 +103,13 @@ def _signed_ranges(pdf: bytes) -> tuple[bytes, list[int]]:
 def test_pdfsig_dump_and_openssl_cms_verify_signed_ranges(
     signed_pdf, signing_pki, tmp_path
 ) -> None:
-    openssl = require_tool("openssl")
     out = pdfsig(signed_pdf, "-dump", cwd=tmp_path)
     assert "Dumping Signatures" in out
     sig0 = tmp_path / f"{signed_pdf.name}.sig0"
     assert sig0.is_file()
     content, _ = _signed_ranges(signed_pdf.read_bytes())
     (tmp_path / "content.bin").write_bytes(content)
-    proc = subprocess.run(
-        [
-            openssl,
-            "cms",
-            "-verify",
-            "-binary",
-            "-inform",
-            "DER",
-            "-in",
-            str(sig0),
-            "-content",
-            str(tmp_path / "content.bin"),
-            "-CAfile",
-            str(signing_pki.cert_path("hpki-root-ca")),
-            "-out",
-            "/dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = openssl_cms_verify(tmp_path / "content.bin", sig0, signing_pki.cert_path("hpki-root-ca"))
     assert proc.returncode == 0, proc.stderr
     assert "Verification successful" in proc.stderr
     # the dumped CMS carries the signature timestamp token as an unsigned attribute
@@ -149,26 +129,8 @@ async def test_one_byte_change_detected_by_pdfsig_openssl_and_sekisho(
     content, _ = _signed_ranges(bad.read_bytes())
     (tmp_path / "content.bin").write_bytes(content)
     pdfsig(bad, "-dump", cwd=tmp_path)
-    proc = subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-verify",
-            "-binary",
-            "-inform",
-            "DER",
-            "-in",
-            str(tmp_path / "bad.pdf.sig0"),
-            "-content",
-            str(tmp_path / "content.bin"),
-            "-CAfile",
-            str(signing_pki.cert_path("hpki-root-ca")),
-            "-out",
-            "/dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = openssl_cms_verify(
+        tmp_path / "content.bin", tmp_path / "bad.pdf.sig0", signing_pki.cert_path("hpki-root-ca")
     )
     assert proc.returncode != 0
 

@@ -24,6 +24,7 @@ from signing.tsa import SekishoTimeStamper, TsaClient
 from tests.signing_fixtures import (  # noqa: F401 - fixtures are used by name
     loopback_tsa,
     make_sc_dataset,
+    openssl_cms_verify,
     p12_spec,
     require_tool,
     signing_pki,
@@ -106,26 +107,8 @@ async def test_token_signed_p7s_verifies_with_openssl(
         )
     (tmp_path / "c.bin").write_bytes(content)
     (tmp_path / "c.p7s").write_bytes(p7s)
-    proc = subprocess.run(
-        [
-            require_tool("openssl"),
-            "cms",
-            "-verify",
-            "-binary",
-            "-content",
-            str(tmp_path / "c.bin"),
-            "-inform",
-            "DER",
-            "-in",
-            str(tmp_path / "c.p7s"),
-            "-CAfile",
-            str(signing_pki.cert_path("hpki-root-ca")),
-            "-out",
-            "/dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = openssl_cms_verify(
+        tmp_path / "c.bin", tmp_path / "c.p7s", signing_pki.cert_path("hpki-root-ca")
     )
     assert proc.returncode == 0, proc.stderr
 
