@@ -175,6 +175,10 @@ class Instance:
     def objects(self) -> Path:
         return self.root / "var" / "store" / "objects"
 
+    def object_path(self, sha256: str) -> Path:
+        """Where the content store keeps the file with this SHA-256 (FileStore.object_path)."""
+        return self.objects / sha256[:2] / sha256
+
     @property
     def base_url(self) -> str:
         return f"https://localhost:{self.https_port}"

@@ -63,7 +63,7 @@ def _receive(inst: Instance, **extra: str) -> dict:
 
 
 def _stored(inst: Instance, sha256: str) -> Path:
-    return inst.objects / sha256[:2] / sha256[2:4] / sha256
+    return inst.object_path(sha256)
 
 
 def _dcmsign(path: Path, pki) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import stat
 import struct
 import threading
 from io import BytesIO
@@ -353,6 +354,34 @@ def test_ingest_stores_the_received_bytes_at_their_content_address(tmp_path: Pat
     finally:
         worker.close()
     assert list(store.tmp.iterdir()) == []  # the file opened ahead is gone too
+
+
+def test_stored_files_are_read_only_under_one_fan_out_level(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    # The 256 directories exist before anything is stored: a commit never makes one.
+    assert sorted(p.name for p in store.objects.iterdir()) == [f"{n:02x}" for n in range(256)]
+    data = _file()
+    worker, sink = _ingest(store, data)
+    worker.close()
+    final = store.object_path(sink.staged.sha256)  # type: ignore[attr-defined]
+    assert final.relative_to(store.objects).parts == (final.name[:2], final.name)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o400
+    # A fan-out directory removed from under the store is made again.
+    other = next(
+        b"other %d" % n for n in range(1000)
+        if hashlib.sha256(b"other %d" % n).hexdigest()[:2] != final.name[:2]
+    )
+    writer = store.writer(10**6)
+    writer.write(other)
+    staged = writer.finish(fsync=True)
+    store.object_path(staged.sha256).parent.rmdir()
+    assert store.commit(staged).read_bytes() == other
+    # The same bytes committed twice: one file, the second staged copy removed.
+    writer = store.writer(10**6)
+    writer.write(other)
+    again = writer.finish(fsync=False)
+    assert store.commit(again) == store.object_path(staged.sha256)
+    assert not again.path.exists() and list(store.tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("written", [0, 1, 4095, 100_000, 200_000, 200_001, 700_000])

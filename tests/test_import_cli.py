@@ -74,7 +74,7 @@ def top_level(dump: str, tag: str) -> str:
 
 
 def stored_object(inst: Instance, sha256: str) -> Path:
-    return inst.objects / sha256[:2] / sha256[2:4] / sha256
+    return inst.object_path(sha256)
 
 
 def import_json(inst: Instance, medium: Path, *args: str) -> dict:

@@ -107,15 +107,10 @@ def renewed(tmp_path_factory, signing_pki, loopback_tsa, renewal_tsa):
     old = work / "old"
     old.mkdir()
     dicom, pdf = status["dicom"], status["pdf"]
-    shutil.copy(
-        inst.objects / dicom["sha256"][:2] / dicom["sha256"][2:4] / dicom["sha256"],
-        old / "film.dcm",
-    )
+    shutil.copy(inst.object_path(dicom["sha256"]), old / "film.dcm")
     er = dicom["evidence_sha256"]
-    shutil.copy(inst.objects / er[:2] / er[2:4] / er, old / "film.dcm.ers")
-    shutil.copy(
-        inst.objects / pdf["sha256"][:2] / pdf["sha256"][2:4] / pdf["sha256"], old / "letter.pdf"
-    )
+    shutil.copy(inst.object_path(er), old / "film.dcm.ers")
+    shutil.copy(inst.object_path(pdf["sha256"]), old / "letter.pdf")
     tsa_end = datetime.fromisoformat(signing_pki.entry("tsa")["not_after"].replace("Z", "+00:00"))
     plan_at = tsa_end - timedelta(days=10)
     before = inst.audit_head()
@@ -155,8 +150,7 @@ def test_renewal_extends_protection_beyond_the_first_tsa(renewed) -> None:
         assert datetime.fromisoformat(item["new_protected_until"]) > renewed["tsa_end"]
     status = renewed["status"]
     assert status["dicom"]["renewals"] == 1 and status["pdf"]["renewals"] == 1
-    er_path = renewed["inst"].objects / status["dicom"]["evidence_sha256"][:2]
-    er = er_path / status["dicom"]["evidence_sha256"][2:4] / status["dicom"]["evidence_sha256"]
+    er = renewed["inst"].object_path(status["dicom"]["evidence_sha256"])
     assert len(load_record(er.read_bytes())["archive_time_stamp_sequence"]) == 2
 
 
@@ -242,7 +236,7 @@ async def test_verification_uses_captured_data_when_ca_services_are_gone(tmp_pat
     assert services.server.ocsp_requests > 0  # type: ignore[attr-defined]
     status = _status(inst)
     er_sha = status["dicom"]["evidence_sha256"]
-    record = load_record((inst.objects / er_sha[:2] / er_sha[2:4] / er_sha).read_bytes())
+    record = load_record(inst.object_path(er_sha).read_bytes())
     captured = from_attributes(
         (a["type"].dotted, v.dump()) for a in record["crypto_infos"] for v in a["values"]
     )
@@ -256,7 +250,7 @@ async def test_verification_uses_captured_data_when_ca_services_are_gone(tmp_pat
     # Without the captured data (the object alone) revocation cannot be established now.
     sha = status["dicom"]["sha256"]
     bare = tmp_path / "bare.dcm"
-    shutil.copy(inst.objects / sha[:2] / sha[2:4] / sha, bare)
+    shutil.copy(inst.object_path(sha), bare)
     proc = inst.cli("signatures", "verify", str(bare), "--json")
     report = json.loads(proc.stdout)
     assert proc.returncode == 1

@@ -18,15 +18,19 @@ fragments (views into the received PDUs; nothing is copied).  The worker
   :data:`PREFIX_BYTES` (:class:`PrefixIndex`, a lean scan: well under a
   tenth of a millisecond) as soon as they are there, while the pixel data
   is still arriving;
-* at the last fragment, fdatasyncs the file when the store is durable, and
-  signals the C-STORE handler, which waits for it (:meth:`StreamSink.wait`)
-  before it renames the file, commits the index and answers.
+* at the last fragment, fdatasyncs the file when the store is durable,
+  validates it and moves it to its content address; then, for a C-STORE
+  whose command needed no pydicom (the common case), it commits the index
+  and queues the C-STORE-RSP itself (:meth:`StreamSink.end`'s ``then``:
+  :meth:`gateway.dimse.storage.StorageScp.answer`), and otherwise signals
+  pynetdicom's C-STORE handler, which waits for it (:meth:`StreamSink.wait`)
+  and does the same.
 
 What the worker has not yet written is bounded (:data:`IN_FLIGHT_BYTES`):
 beyond it the DUL thread waits, and TCP pushes back on the peer, so memory
-stays flat whatever the instance size.  Nothing here acknowledges anything:
-durability is still decided by the handler (file fdatasync, rename,
-directory fsync, metadata commit, then the response).
+stays flat whatever the instance size.  The order that makes an answer
+durable is the same on both ways: file fdatasync, rename, directory fsync,
+metadata commit, and only then the response.
 """
 
 from __future__ import annotations
@@ -208,9 +212,14 @@ class StreamSink:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._worker.post(self._write, data, len(data))
 
-    def end(self) -> None:
-        """The last fragment has been posted."""
-        self._worker.post(self._complete, None)
+    def end(self, then: Callable[[StreamSink], None] | None = None) -> None:
+        """The last fragment has been posted.
+
+        ``then(sink)`` runs on the worker thread once the instance is stored
+        or refused (it answers the peer: :meth:`StorageScp.answer`), before
+        the worker prepares the next temporary file.
+        """
+        self._worker.post(self._complete, then)
 
     # -- C-STORE handler -----------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -259,7 +268,7 @@ class StreamSink:
         if self._writer is not None:
             self._writer.abort()
 
-    def _complete(self, _: Any) -> None:
+    def _complete(self, then: Callable[[StreamSink], None] | None) -> None:
         worker = self._worker
         try:
             self._store()
@@ -267,6 +276,8 @@ class StreamSink:
             self._prefix, self._parsed = bytearray(), None
             worker._current = None
             self._done.set()
+        if then is not None:
+            then(self)
         worker.prepare_spare()
 
     def _store(self) -> None:

@@ -260,7 +260,7 @@ class DimseService:
     def _new_association(self, principal: Principal, address: str | None) -> Association:
         assoc = SekishoAssociation(self.ae, MODE_ACCEPTOR)
         assoc.session = Session(principal, address, retrieve=self.retrieve)
-        assoc.dimse = StreamingDimse(assoc, self.storage.open_sink)
+        assoc.dimse = StreamingDimse(assoc, self.storage)
         with self._lock:
             self._active.add(assoc)
         return assoc

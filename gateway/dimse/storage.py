@@ -64,6 +64,8 @@ DUPLICATE_DIFFERENT = 0x0111
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: What pynetdicom answers when the C-STORE handler raises.
+HANDLER_FAILED = 0xC211
 #: Audit what an association stored at least every this many instances.
 AUDIT_EVERY = 1000
 
@@ -196,8 +198,6 @@ class DiscardSink:
 
 
 Sink = StreamSink | DiscardSink
-#: (association, presentation context ID, SOP Class UID, SOP Instance UID) -> sink
-OpenSink = Callable[[Any, int, str, str], Sink | None]
 
 
 class _StreamingMessage(DIMSEMessage):
@@ -207,18 +207,43 @@ class _StreamingMessage(DIMSEMessage):
     VR Little Endian); the class becomes pynetdicom's message class only when
     the message is complete, so every later P-DATA of this message still
     comes here.
+
+    A C-STORE-RQ that :func:`parse_c_store_rq` decoded, whose data set went
+    to a :class:`StreamSink`, is answered by the ingest worker itself once
+    the data set is stored (:meth:`StorageScp.answer`): the message is then
+    :attr:`answered` and never reaches pynetdicom's message queue, its
+    association thread or its Storage service class.  That takes two thread
+    hand-overs and pynetdicom's per-request bookkeeping off the time between
+    a data set's last byte and its C-STORE-RSP, which a peer that waits for
+    each response (DCMTK ``storescu``) pays on every instance.  It applies
+    only while :meth:`StorageScp.handle` is the association's C-STORE handler
+    and no EVT_DIMSE_RECV / EVT_DIMSE_SENT handler expects pynetdicom's
+    message objects; otherwise the request goes pynetdicom's way, to the same
+    checks and the same statuses.
     """
 
-    def __init__(self, open_sink: OpenSink) -> None:  # noqa: D107 - see class
+    def __init__(self, storage: StorageScp | None) -> None:  # noqa: D107 - see class
         self.context_id = None
         self.encoded_command_set = BytesIO()
         self.data_set: BytesIO = BytesIO()
         self.command_set = None  # type: ignore[assignment]
         self._data_set_path = None
         self._data_set_file = None
-        self._open_sink = open_sink
+        self._storage = storage
         self._target: type[DIMSEMessage] | None = None
         self._sink: Sink | None = None
+        #: True when the ingest worker answers this C-STORE (see the class).
+        self.answered = False
+
+    def _answers_itself(self, assoc: Any) -> bool:
+        storage = self._storage
+        return (
+            storage is not None
+            and self._target is _ParsedCStoreRQ
+            and isinstance(self._sink, StreamSink)
+            and assoc.get_handlers(evt.EVT_C_STORE)[0] == storage.handle
+            and not assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        )
 
     def decode_msg(self, primitive: Any, assoc: Any = None) -> bool:
         for context_id, data in primitive.presentation_data_value_list:
@@ -246,8 +271,10 @@ class _StreamingMessage(DIMSEMessage):
                     if target is C_STORE_RQ:
                         sop_class = str(self.command_set.AffectedSOPClassUID)
                         sop_instance = str(self.command_set.AffectedSOPInstanceUID)
-                if target in (C_STORE_RQ, _ParsedCStoreRQ):
-                    self._sink = self._open_sink(assoc, context_id, sop_class, sop_instance)
+                if target in (C_STORE_RQ, _ParsedCStoreRQ) and self._storage is not None:
+                    self._sink = self._storage.open_sink(
+                        assoc, context_id, sop_class, sop_instance
+                    )
                     if self._sink is not None:
                         # message_to_primitive hands these to the C-STORE primitive.
                         self._data_set_file = self._sink  # type: ignore[assignment]
@@ -261,6 +288,14 @@ class _StreamingMessage(DIMSEMessage):
                     if self._target is None:  # a data set before any command
                         raise InvalidInputError("DIMSE data set without a command set")
                     if self._sink is not None:
+                        if self._answers_itself(assoc):
+                            storage, parsed = self._storage, self._primitive
+                            assert storage is not None  # noqa: S101 - _answers_itself checked
+                            self._sink.end(
+                                partial(storage.answer, assoc, self.context_id, parsed)
+                            )
+                            self.answered = True
+                            return False  # nothing for pynetdicom's message queue
                         self._sink.end()
                     self.__class__ = self._target  # type: ignore[assignment]
                     return True
@@ -270,14 +305,37 @@ class _StreamingMessage(DIMSEMessage):
 class StreamingDimse(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, with C-STORE data sets streamed to a sink."""
 
-    def __init__(self, assoc: Any, open_sink: OpenSink) -> None:
+    def __init__(self, assoc: Any, storage: StorageScp | None) -> None:
         super().__init__(assoc)
-        self._open_sink = open_sink
+        self._storage = storage
 
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:
-            self.message = _StreamingMessage(self._open_sink)
+            self.message = _StreamingMessage(self._storage)
+        message = self.message
         super().receive_primitive(primitive)
+        if getattr(message, "answered", False):  # the ingest worker answers it
+            self.message = None
+
+    def send_c_store_rsp(
+        self, context_id: int, message_id: int, sop_class: str, sop_instance: str, status: int
+    ) -> None:
+        """Send a C-STORE-RSP with ``status`` and no Error Comment (PS3.7 9.3.1.2)."""
+        command = c_store_rsp_command(message_id, sop_class, sop_instance, status)
+        # The peer's Maximum Length bounds the PDV items (PS3.8 D.1): item
+        # length (4), context ID (1), message control header (1), fragment.
+        limit = self.maximum_pdu_size
+        if not limit or len(command) + 6 <= limit:
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+            self.dul.send_pdu(pdata)
+            return
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = message_id
+        rsp.AffectedSOPClassUID = sop_class
+        rsp.AffectedSOPInstanceUID = sop_instance
+        rsp.Status = status
+        super().send_msg(rsp, context_id)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Send a DIMSE message; a plain C-STORE-RSP is encoded directly.
@@ -299,20 +357,14 @@ class StreamingDimse(DIMSEServiceProvider):
             and primitive.OffendingElement is None
             and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
         ):
-            command = c_store_rsp_command(
+            self.send_c_store_rsp(
+                context_id,
                 int(primitive.MessageIDBeingRespondedTo),
                 str(primitive.AffectedSOPClassUID),
                 str(primitive.AffectedSOPInstanceUID),
                 int(primitive.Status),
             )
-            # The peer's Maximum Length bounds the PDV items (PS3.8 D.1): item
-            # length (4), context ID (1), message control header (1), fragment.
-            limit = self.maximum_pdu_size
-            if not limit or len(command) + 6 <= limit:
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-                self.dul.send_pdu(pdata)
-                return
+            return
         super().send_msg(primitive, context_id)
 
 
@@ -367,18 +419,47 @@ class StorageScp:
     # -- on the association thread: EVT_C_STORE ------------------------------
     def handle(self, event: Any) -> int:
         """Answer once the instance is durable: file and directory synced, index committed."""
-        assoc = event.assoc
+        session: Session = event.assoc.session
+        sink = getattr(event.request, "_dataset_file", None)
+        if not isinstance(sink, StreamSink):
+            return self._outcome(session, None)
+        # The ingest worker writes, fdatasyncs, validates and moves the file
+        # (gateway.dimse.ingest), or refuses it.
+        sink.wait()
+        return self._outcome(session, sink)
+
+    # -- on the ingest worker's thread: a C-STORE it answers itself -----------
+    def answer(self, assoc: Any, context_id: int, request: C_STORE, sink: StreamSink) -> None:
+        """Commit and answer a C-STORE whose data set ``sink`` has just finished.
+
+        What :meth:`handle` and pynetdicom's Storage service class do
+        together, on the thread that stored the data set (see
+        ``_StreamingMessage``): the same checks, the same statuses; an
+        unexpected error answers 0xC211 as pynetdicom does for a failing
+        handler, and nothing is sent once the association has ended.
+        """
         session: Session = assoc.session
-        request = event.request
-        sink = getattr(request, "_dataset_file", None)
+        try:
+            status = self._outcome(session, sink)
+        except Exception:  # noqa: BLE001 - the peer gets a status, the operator the trace
+            log.exception("C-STORE handling failed")
+            status = HANDLER_FAILED
+        if assoc.is_established:
+            assoc.dimse.send_c_store_rsp(
+                context_id,
+                int(request.MessageID),  # type: ignore[arg-type]
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                status,
+            )
+
+    def _outcome(self, session: Session, sink: StreamSink | None) -> int:
+        """The status of a finished C-STORE: stored, or why not (PS3.4 B.2.3)."""
         if not session.principal.partner.may("push"):
             self.deny(session, "push", "C-STORE")
             return NOT_AUTHORIZED
-        if not isinstance(sink, StreamSink):
+        if sink is None:
             return CANNOT_UNDERSTAND
-        # The ingest worker has written, fdatasynced, validated and committed the
-        # file (gateway.dimse.ingest), or refused it.
-        sink.wait()
         if sink.failure is not None or sink.staged is None or sink.index is None:
             message, status = sink.failure or ("the instance was not stored", OUT_OF_RESOURCES)
             return self._failed(session, message, status)

@@ -202,6 +202,7 @@ class GatewaySink:
         owned = tmp / f"import-{self.import_id}-{meta.sha256}.part"
         try:
             os.replace(path, owned)
+            os.chmod(owned, 0o400)  # read-only, as the store's own writer creates them
             size = owned.stat().st_size
         except OSError as exc:
             raise StoreError(f"could not stage an imported instance: {exc.strerror}") from exc

@@ -2,17 +2,26 @@
 
 An instance is written to a temporary file in the store's own ``tmp``
 directory (same file system), hashed with SHA-256 on the way, fsynced and then
-renamed to ``objects/ab/cd/<sha256>``; the directory is fsynced too.  Only
+renamed to ``objects/ab/<sha256>``; the directory is fsynced too.  Only
 after that, and after the metadata commit, is the instance acknowledged.  A
 crash at any point leaves either nothing visible or a complete file whose name
 is its hash: a file no metadata row references is invisible and harmless.
+
+One level of 256 directories, all made when the store is opened: creating a
+directory is the dearest step of a commit (a new inode, placed by ext4 in
+another block group, whose bitmaps may have to be read first), and a second
+level of 65,536 would make nearly every instance of a young store pay it, on
+the path to its acknowledgement.  ext4's hashed directories keep lookups
+fast at millions of entries each, so 256 hold billions of instances.
+Temporary files are created read-only (``0o400``; the writer holds them
+open for writing), so a stored file needs no ``chmod``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +47,8 @@ class HashingWriter:
     """Writes chunks to a temporary file, hashing and counting them."""
 
     def __init__(self, tmp_dir: Path, max_bytes: int) -> None:
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="in-", suffix=".part")
+        fd, self.path = _create_temporary(tmp_dir)
         self._fh: BinaryIO = os.fdopen(fd, "wb", buffering=0)
-        self.path = Path(name)
         self._hash = hashlib.sha256()
         self.size = 0
         self._max = max_bytes
@@ -101,6 +109,8 @@ class FileStore:
         self.fsync = fsync
         for d in (self.root, self.objects, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for n in range(256):
+            (self.objects / f"{n:02x}").mkdir(exist_ok=True, mode=0o700)
 
     def writer(self, max_bytes: int) -> HashingWriter:
         return HashingWriter(self.tmp, max_bytes)
@@ -108,7 +118,7 @@ class FileStore:
     def object_path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise StoreError("invalid object name")
-        return self.objects / sha256[:2] / sha256[2:4] / sha256
+        return self.objects / sha256[:2] / sha256
 
     def commit(self, staged: StagedFile, *, sync_dir: bool = True) -> Path:
         """Move a staged file to its content address, durably.
@@ -123,9 +133,14 @@ class FileStore:
                 # Same hash, same bytes: keep the stored file untouched.
                 staged.path.unlink(missing_ok=True)
                 return final
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(staged.path, final)
-            os.chmod(final, 0o400)
+            try:
+                os.replace(staged.path, final)
+            except FileNotFoundError:
+                if not staged.path.exists():
+                    raise
+                # Its directory was removed from under the store: make it again.
+                final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.replace(staged.path, final)
             if self.fsync and sync_dir:
                 _fsync_dir(final.parent)
         except OSError as exc:
@@ -163,6 +178,18 @@ class FileStore:
             p.unlink(missing_ok=True)
             n += 1
         return n
+
+
+def _create_temporary(tmp_dir: Path) -> tuple[int, Path]:
+    """A new, empty, read-only file in ``tmp_dir``, open for writing: (fd, path)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        path = tmp_dir / f"in-{secrets.token_hex(8)}.part"
+        try:
+            return os.open(path, flags, 0o400), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name in {tmp_dir}")
 
 
 def _fsync_dir(path: Path) -> None:
