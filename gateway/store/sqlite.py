@@ -172,32 +172,37 @@ class SqliteMetadataStore(SqliteDatabase):
                 if series is not None and series["study_uid"] != idx.study_uid:
                     results.append(AddResult.CONFLICT)
                     continue
-                patient_pk = self._upsert_patient(conn, idx)
-                conn.execute(
-                    "INSERT OR IGNORE INTO studies (study_uid, patient_pk, study_date, study_time,"
-                    " accession, description, referring, charset) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        idx.study_uid,
-                        patient_pk,
-                        idx.study_date,
-                        idx.study_time,
-                        idx.accession,
-                        idx.study_description,
-                        idx.referring,
-                        idx.specific_character_set,
-                    ),
-                )
-                conn.execute(
-                    "INSERT OR IGNORE INTO series (series_uid, study_uid, modality, series_number,"
-                    " description) VALUES (?,?,?,?,?)",
-                    (
-                        idx.series_uid,
-                        idx.study_uid,
-                        idx.modality,
-                        idx.series_number,
-                        idx.series_description,
-                    ),
-                )
+                # A known study already has its patient row, a known series its row:
+                # only the first instance of each writes them.
+                if study is None:
+                    patient_pk = self._upsert_patient(conn, idx)
+                    conn.execute(
+                        "INSERT OR IGNORE INTO studies (study_uid, patient_pk, study_date,"
+                        " study_time, accession, description, referring, charset)"
+                        " VALUES (?,?,?,?,?,?,?,?)",
+                        (
+                            idx.study_uid,
+                            patient_pk,
+                            idx.study_date,
+                            idx.study_time,
+                            idx.accession,
+                            idx.study_description,
+                            idx.referring,
+                            idx.specific_character_set,
+                        ),
+                    )
+                if series is None:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO series (series_uid, study_uid, modality,"
+                        " series_number, description) VALUES (?,?,?,?,?)",
+                        (
+                            idx.series_uid,
+                            idx.study_uid,
+                            idx.modality,
+                            idx.series_number,
+                            idx.series_description,
+                        ),
+                    )
                 conn.execute(
                     "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid,"
                     " transfer_syntax, instance_number, sha256, size, received_at, source)"
