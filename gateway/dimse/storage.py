@@ -15,9 +15,11 @@ accepted transfer syntax: :func:`part10_header`).  So:
 * its SHA-256 is computed on the way, and its index attributes are parsed
   from its first bytes while the rest arrives; once the last fragment is
   in, the worker fdatasyncs the file (durable store), validates it, moves it
-  to its content address (directory fsync), and only then does the C-STORE
-  handler commit the index and answer Success (mirroring
-  ``gateway.dicomweb.stow``).
+  to its content address (directory fsync), and only then is the index
+  committed and Success answered (mirroring ``gateway.dicomweb.stow``): by
+  the worker itself for a command Sekisho decoded (:meth:`StorageScp.answer`),
+  otherwise by pynetdicom's Storage service class calling
+  :meth:`StorageScp.handle` (see :class:`_StreamingMessage`).
 
 Failures answer with PS3.4 B.2.3 / PS3.7 C statuses: 0xA700 out of resources
 (size cap, store), 0xA900 data set does not match SOP class, 0xC000 cannot
