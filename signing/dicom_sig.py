@@ -24,7 +24,6 @@ hcRole, chain and revocation at signing time, and the timestamp (R-SIG-8).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -39,8 +38,8 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from pki import hpki
 from pki.errors import SigningError, TimestampError
+from signing.cms_status import describe_signer
 from signing.dicom_stream import (
     EXPLICIT_VR_LE,
     PROFILE_REQUIRED,
@@ -312,12 +311,7 @@ async def _verify_one(
     except (AttributeError, ValueError, TypeError):
         report.integrity_problem = "no readable Certificate of Signer"
         return report
-    report.signer_subject = cert.subject.human_friendly
-    report.signer_sha256 = hashlib.sha256(cert.dump()).hexdigest()
-    try:
-        report.hc_role = hpki.hc_role(cert)
-    except SigningError as exc:
-        report.details["hc_role_problem"] = exc.message
+    describe_signer(report, cert)
     if item.get("CertificateType") != CERTIFICATE_TYPE:
         report.details["certificate_type"] = str(item.get("CertificateType"))
     signature = bytes(item.get("Signature", b""))
