@@ -109,8 +109,9 @@ class FileStore:
         self.fsync = fsync
         for d in (self.root, self.objects, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for n in range(256):
-            (self.objects / f"{n:02x}").mkdir(exist_ok=True, mode=0o700)
+        if len(os.listdir(self.objects)) < 256:  # a new store (every open costs 3 ms else)
+            for n in range(256):
+                (self.objects / f"{n:02x}").mkdir(exist_ok=True, mode=0o700)
 
     def writer(self, max_bytes: int) -> HashingWriter:
         return HashingWriter(self.tmp, max_bytes)
